@@ -1,1 +1,44 @@
-def main(): pass
+"""The `r2m` command line: each subcommand hands its remaining arguments to the module that implements it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("r2m.integrations.trl.demo", "GRPO with the vanilla RM and with R2M on the built-in tiny task"),
+    "grpo": ("r2m.integrations.trl.cli", "train with TRL's GRPOTrainer and an R2M reward"),
+    "rloo": ("r2m.integrations.trl.cli", "train with TRL's RLOOTrainer and an R2M reward"),
+    "bench": ("r2m.benchmarks", "run a benchmark: kernel | overhead | lab | accuracy"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: r2m <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"r2m: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[command]
+    if command == "bench":
+        if not rest or rest[0] in ("-h", "--help"):
+            print("usage: r2m bench {kernel,overhead,lab,accuracy} [args...]")
+            return 0
+        module_name, rest = f"r2m.benchmarks.{rest[0]}", rest[1:]
+    elif command in ("grpo", "rloo"):
+        rest = [command, *rest]
+    module = importlib.import_module(module_name)
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
