@@ -1,0 +1,195 @@
+"""Sequence-to-token cross-attention (paper Eq. 3), computed through the absorbed algebra of SPEC section 3."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from r2m.config import IMPLS
+
+
+def pack(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded [B, S, D] + mask [B, S] -> packed valid tokens [N, D] and cu_seqlens [B + 1] (int32)."""
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    return hidden[mask], cu_seqlens
+
+
+def unpack(hidden: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed [N, D] + cu_seqlens [B + 1] -> padded [B, S_max, D] (zeros after each sequence) + mask [B, S_max]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    batch, max_len = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(max_len, device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None]
+    padded = hidden.new_zeros(batch, max_len, hidden.shape[-1])
+    padded[mask] = hidden
+    return padded, mask
+
+
+def attend_naive(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Standard masked attention of one query per sequence: q [B, H, d], keys/values [B, S, H, d] -> [B, H, d].
+
+    A sequence with no valid token attends to nothing and returns zeros.
+    """
+    scores = torch.einsum("bhd,bshd->bhs", q, keys) / math.sqrt(q.shape[-1])
+    probs = _masked_softmax(scores, mask)
+    return torch.einsum("bhs,bshd->bhd", probs, values)
+
+
+def attend_torch(hidden: Tensor, mask: Tensor, u: Tensor) -> Tensor:
+    """The absorbed attention c_e = sum_s softmax_s(h_s . u_e) h_s: hidden [B, S, D_p], u [B, H, D_p] -> [B, H, D_p].
+
+    ``hidden`` must be zero at masked positions (so padding garbage cannot leak into c).
+    """
+    probs = _masked_softmax(torch.einsum("bsd,bhd->bhs", hidden, u), mask)
+    return torch.einsum("bhs,bsd->bhd", probs, hidden)
+
+
+def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last axis restricted to ``mask`` [B, S]; all-masked rows give zeros with zero gradient."""
+    has_token = mask.any(dim=1)
+    usable = (mask | ~has_token[:, None])[:, None, :]
+    probs = torch.softmax(scores.masked_fill(~usable, float("-inf")), dim=-1)
+    return probs * has_token[:, None, None]
+
+
+class SequenceToTokenAttention(nn.Module):
+    """One reward-token query attending over the policy's hidden states: Ĥ = softmax(q k^T / sqrt(d_h)) v W_o.
+
+    q = H W_q, k = h W_k, v = h W_v, all bias-free (paper Eq. 3). ``o_proj`` starts at zero, so an untrained
+    R2M scores exactly like the wrapped reward model while gradients still reach every projection.
+
+    impl: ``naive`` projects keys and values (the reference), ``torch`` never projects the sequence (SPEC 3),
+    ``triton`` runs the fused kernel of ``r2m.kernels``, ``auto`` picks ``triton`` for CUDA inputs and ``torch``
+    otherwise. Hidden states may arrive in any float dtype and on another device; the work is done in float32
+    on the module's device.
+    """
+
+    def __init__(self, rm_dim: int, policy_dim: int, attn_dim: int, num_heads: int = 1, impl: str = "auto"):
+        super().__init__()
+        for name, value in (("rm_dim", rm_dim), ("policy_dim", policy_dim), ("attn_dim", attn_dim),
+                            ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SequenceToTokenAttention: {name} must be an int >= 1, got {value!r}")
+        if attn_dim % num_heads:
+            raise ValueError(f"SequenceToTokenAttention: attn_dim ({attn_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
+        if impl not in IMPLS:
+            raise ValueError(f"SequenceToTokenAttention: impl must be one of {IMPLS}, got {impl!r}")
+        self.rm_dim, self.policy_dim, self.attn_dim, self.num_heads = rm_dim, policy_dim, attn_dim, num_heads
+        self.head_dim = attn_dim // num_heads
+        self.impl = impl
+        self.q_proj = nn.Linear(rm_dim, attn_dim, bias=False)
+        self.k_proj = nn.Linear(policy_dim, attn_dim, bias=False)
+        self.v_proj = nn.Linear(policy_dim, attn_dim, bias=False)
+        self.o_proj = nn.Linear(attn_dim, rm_dim, bias=False)
+        nn.init.zeros_(self.o_proj.weight)
+
+    def extra_repr(self) -> str:
+        return (f"rm_dim={self.rm_dim}, policy_dim={self.policy_dim}, attn_dim={self.attn_dim}, "
+                f"num_heads={self.num_heads}, impl={self.impl!r}")
+
+    def forward(self, rte: Tensor, hidden: Tensor, mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        """rte [B, D_rm] with hidden [B, S, D_p] + mask [B, S], or packed hidden [N, D_p] + cu_seqlens [B + 1]
+        -> Ĥ [B, D_rm] in float32."""
+        rte = self._check_rte(rte)
+        hidden, mask, cu_seqlens = self._check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
+        impl = self.resolve_impl(hidden)
+        if impl == "naive":
+            return self._forward_naive(rte, *self._padded(hidden, mask, cu_seqlens))
+        u = self.query_vectors(rte)
+        if impl == "triton":
+            from r2m.kernels import seq_to_token_attention
+
+            if cu_seqlens is None:
+                hidden, cu_seqlens = pack(hidden, mask)
+            context = seq_to_token_attention(hidden, cu_seqlens, u)[0]
+        else:
+            padded, mask = self._padded(hidden, mask, cu_seqlens)
+            context = attend_torch(padded, mask, u)
+        return self.project_context(context)
+
+    def forward_packed(self, rte: Tensor, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """rte [B, D_rm], packed hidden [N, D_p], cu_seqlens [B + 1] int32 -> Ĥ [B, D_rm]."""
+        return self.forward(rte, hidden, cu_seqlens=cu_seqlens)
+
+    def query_vectors(self, rte: Tensor) -> Tensor:
+        """u_e = W_k,e q_e / sqrt(d_h): the only thing the sequence is ever dotted with. [B, D_rm] -> [B, H, D_p]."""
+        q = rearrange(self.q_proj(rte), "b (h d) -> b h d", h=self.num_heads)
+        w_k = rearrange(self.k_proj.weight, "(h d) p -> h d p", h=self.num_heads)
+        return torch.einsum("bhd,hdp->bhp", q, w_k) / math.sqrt(self.head_dim)
+
+    def project_context(self, context: Tensor) -> Tensor:
+        """Ĥ = concat_e(c_e W_v,e) W_o from the attended policy states c [B, H, D_p] -> [B, D_rm]."""
+        w_v = rearrange(self.v_proj.weight, "(h d) p -> h d p", h=self.num_heads)
+        heads = torch.einsum("bhp,hdp->bhd", context.to(w_v.dtype), w_v)
+        return self.o_proj(rearrange(heads, "b h d -> b (h d)"))
+
+    def resolve_impl(self, hidden: Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        return "triton" if hidden.is_cuda else "torch"
+
+    def _forward_naive(self, rte: Tensor, hidden: Tensor, mask: Tensor) -> Tensor:
+        split = "b s (h d) -> b s h d"
+        q = rearrange(self.q_proj(rte), "b (h d) -> b h d", h=self.num_heads)
+        keys = rearrange(self.k_proj(hidden), split, h=self.num_heads)
+        values = rearrange(self.v_proj(hidden), split, h=self.num_heads)
+        heads = attend_naive(q, keys, values, mask)
+        return self.o_proj(rearrange(heads, "b h d -> b (h d)"))
+
+    def _padded(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+        if cu_seqlens is not None:
+            hidden, mask = unpack(hidden, cu_seqlens)
+        dtype = self.k_proj.weight.dtype
+        return torch.where(mask[..., None], hidden.to(dtype), hidden.new_zeros((), dtype=dtype)), mask
+
+    def _check_rte(self, rte: Tensor) -> Tensor:
+        if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:
+            got = tuple(rte.shape) if isinstance(rte, Tensor) else type(rte).__name__
+            raise ValueError(f"rte must be a tensor of shape [batch, rm_dim={self.rm_dim}], got {got}")
+        if not rte.is_floating_point():
+            raise TypeError(f"rte must be a floating-point tensor, got {rte.dtype}")
+        weight = self.q_proj.weight
+        return rte.to(device=weight.device, dtype=weight.dtype)
+
+    def _check_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                      batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"hidden must be a floating-point tensor, got "
+                            f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
+        if hidden.shape[-1] != self.policy_dim:
+            raise ValueError(f"hidden's last dimension must be policy_dim={self.policy_dim} (the policy's hidden "
+                             f"size), got shape {tuple(hidden.shape)}")
+        device = self.q_proj.weight.device
+        hidden = hidden.to(device)
+        if (mask is None) == (cu_seqlens is None):
+            raise ValueError("pass exactly one of mask (with padded hidden [B, S, D_p]) or cu_seqlens "
+                             "(with packed hidden [N, D_p])")
+        if mask is not None:
+            if hidden.dim() != 3 or hidden.shape[0] != batch:
+                raise ValueError(f"hidden must have shape [batch={batch}, seq, {self.policy_dim}] with a mask, got "
+                                 f"{tuple(hidden.shape)}")
+            if mask.shape != hidden.shape[:2]:
+                raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (batch, seq of hidden), got "
+                                 f"{tuple(mask.shape)}")
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"mask must be bool or integer (1 = valid token), got {mask.dtype}")
+            return hidden, mask.to(device=device, dtype=torch.bool), None
+        if hidden.dim() != 2:
+            raise ValueError(f"packed hidden must have shape [total_tokens, {self.policy_dim}] with cu_seqlens, got "
+                             f"{tuple(hidden.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() != batch + 1 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer tensor of shape [batch + 1 = {batch + 1}], got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool(
+            (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+        ):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at total_tokens="
+                             f"{hidden.shape[0]}, got {cu_seqlens.tolist()}")
+        return hidden, None, cu_seqlens

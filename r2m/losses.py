@@ -1,0 +1,87 @@
+"""The GREBT loss (paper Eqs. 5-7) and the pseudo-label pair selection of Algorithm 1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A group whose rewards spread less than this (population std) counts as all-equal: its GRE term is the
+# constant log K with exactly zero gradient, as the paper shows it is in the limit.
+GRE_STD_EPS = 1e-6
+
+
+def _check_groups(name: str, rewards: Tensor) -> None:
+    if rewards.dim() != 2:
+        raise ValueError(f"{name} must have shape [groups, group_size], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 responses per group, got group_size {rewards.shape[1]}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {rewards.dtype}")
+
+
+def bt_loss(r_w: Tensor, r_l: Tensor) -> Tensor:
+    """Bradley-Terry loss -log sigmoid(r_w - r_l) per group, shape [G]."""
+    if r_w.shape != r_l.shape:
+        raise ValueError(f"bt_loss: r_w and r_l must have the same shape, got {tuple(r_w.shape)} and {tuple(r_l.shape)}")
+    return -F.logsigmoid(r_w - r_l)
+
+
+def gre_loss(rewards: Tensor) -> Tensor:
+    """Group reward entropy -sum_j p_j log p_j with p = softmax of the group-standardised rewards, shape [G].
+
+    Uses the population std. A group with (numerically) equal rewards gets the constant log K and a gradient
+    of exactly zero, never NaN.
+    """
+    _check_groups("gre_loss: rewards", rewards)
+    mean = rewards.mean(dim=1, keepdim=True)
+    var = (rewards - mean).square().mean(dim=1, keepdim=True)
+    degenerate = var <= GRE_STD_EPS**2
+    std = torch.where(degenerate, torch.ones_like(var), var).sqrt()
+    z = (rewards - mean) / std
+    log_p = torch.log_softmax(z, dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    uniform = torch.full_like(entropy, math.log(rewards.shape[1]))
+    return torch.where(degenerate.squeeze(1), uniform, entropy)
+
+
+def select_pairs(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Winner (highest reward) and loser (lowest) per group, and whether the group has a pair at all.
+
+    A group has no pair when all its rewards are equal or any is non-finite. Returns (winner [G], loser [G],
+    valid [G] bool); winner/loser are indices into the group.
+    """
+    _check_groups("select_pairs: rewards", rewards)
+    finite = torch.isfinite(rewards).all(dim=1)
+    safe = torch.where(torch.isfinite(rewards), rewards, torch.zeros_like(rewards))
+    winner = safe.argmax(dim=1)
+    loser = safe.argmin(dim=1)
+    spread = safe.gather(1, winner[:, None]) > safe.gather(1, loser[:, None])
+    return winner, loser, finite & spread.squeeze(1)
+
+
+def grebt_loss(
+    rewards: Tensor, winner: Tensor, loser: Tensor, alpha: float, valid: Tensor | None = None
+) -> Tensor:
+    """(1 - alpha) L_BT + alpha L_GRE, averaged over groups (paper Eq. 7).
+
+    ``valid`` marks the groups that have a pair; groups without one contribute their GRE term only.
+    """
+    _check_groups("grebt_loss: rewards", rewards)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"grebt_loss: alpha must be in [0, 1], got {alpha!r}")
+    groups = rewards.shape[0]
+    for name, index in (("winner", winner), ("loser", loser)):
+        if index.shape != (groups,) or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"grebt_loss: {name} must be an integer tensor of shape [{groups}], got "
+                             f"{index.dtype} {tuple(index.shape)}")
+    if groups == 0:
+        return rewards.sum()
+    r_w = rewards.gather(1, winner.long()[:, None]).squeeze(1)
+    r_l = rewards.gather(1, loser.long()[:, None]).squeeze(1)
+    bt = bt_loss(r_w, r_l)
+    if valid is not None:
+        bt = torch.where(valid, bt, torch.zeros_like(bt))
+    return ((1.0 - alpha) * bt + alpha * gre_loss(rewards)).mean()

@@ -1,0 +1,53 @@
+"""Tiny offline models and tokenizers for demos and tests: nothing is downloaded."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt2")
+
+
+def build_tokenizer(vocab_words: int = 60, prefix: str = "w") -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``<prefix>0 .. <prefix>{vocab_words-1}`` plus special tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"{prefix}{i}": len(SPECIAL_TOKENS) + i for i in range(vocab_words)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
+
+
+def _config(family: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, **extra):
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
+                                    n_head=2, n_positions=512, **ids, **extra)
+    kwargs = {"head_dim": hidden_size // 2} if family == "gemma" else {}
+    return AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                tie_word_embeddings=False, **kwargs, **ids, **extra)
+
+
+def build_reward_model(tokenizer: PreTrainedTokenizerFast, family: str = "llama", hidden_size: int = 32,
+                       num_layers: int = 2) -> PreTrainedModel:
+    """A randomly initialised ``*ForSequenceClassification`` reward model (num_labels=1)."""
+    config = _config(family, tokenizer, hidden_size, num_layers, num_labels=1)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def build_policy(tokenizer: PreTrainedTokenizerFast, family: str = "llama", hidden_size: int = 32,
+                 num_layers: int = 2) -> PreTrainedModel:
+    """A randomly initialised causal LM policy."""
+    return AutoModelForCausalLM.from_config(_config(family, tokenizer, hidden_size, num_layers))
