@@ -138,6 +138,7 @@ class R2MRewardModel(nn.Module):
     @torch.no_grad()
     def vanilla_reward_from_rte(self, rte: Tensor) -> Tensor:
         """The wrapped reward model's own reward from its RTE, float32 [B]."""
+        self._check_rte(rte)
         head = self.original_head
         return head(rte.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1).float()
 

@@ -1,0 +1,276 @@
+"""R2MRewardModel on real (tiny) transformers reward models."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import r2m
+from r2m import losses, tiny
+
+POLICY_DIM = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture
+def reward_model(tokenizer):
+    torch.manual_seed(0)
+    return tiny.build_reward_model(tokenizer, "llama", hidden_size=32)
+
+
+def make(reward_model, **overrides):
+    cfg = r2m.R2MConfig(**{"total_steps": 10, "lr": 1e-2, "attn_dim": 16, "num_heads": 2, "seed": 0, **overrides})
+    return r2m.wrap(reward_model, POLICY_DIM, cfg)
+
+
+def batch(n=8, seq=6, rm_dim=32, seed=None):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    rte = torch.randn(n, rm_dim, generator=generator)
+    hidden = torch.randn(n, seq, POLICY_DIM, generator=generator)
+    lengths = torch.randint(1, seq + 1, (n,), generator=generator)
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    rewards = torch.randn(n, generator=generator)
+    return rte, hidden, mask, rewards
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_head_of_rte_equals_reward_model_logits(tokenizer, family, side):
+    torch.manual_seed(1)
+    rm = tiny.build_reward_model(tokenizer, family)
+    tokenizer.padding_side = side
+    enc = tokenizer(["w1 w2 w3 w4 w5", "w6 w7", "w8"], return_tensors="pt", padding=True)
+    wrapped = r2m.wrap(rm, POLICY_DIM, r2m.R2MConfig(total_steps=4))
+    rte = wrapped.rte(enc.input_ids, enc.attention_mask)
+    expected = rm(**enc).logits.squeeze(-1)
+    torch.testing.assert_close(wrapped.head(rte).squeeze(-1), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(wrapped.vanilla_reward_from_rte(rte), expected, atol=1e-6, rtol=1e-5)
+    assert wrapped.rm_dim == rm.config.hidden_size
+
+
+def test_untrained_r2m_orders_responses_as_the_reward_model(reward_model):
+    model = make(reward_model, omega_min=0.6)
+    rte, hidden, mask, _ = batch(16, seed=3)
+    vanilla = model.vanilla_reward_from_rte(rte)
+    for step in range(model.total_steps + 1):
+        rewards = model.reward_from_rte(rte, hidden, mask, step)
+        assert torch.equal(rewards.argsort(), vanilla.argsort()), step
+
+
+def test_update_changes_only_fusion_and_head(reward_model):
+    model = make(reward_model)
+    body_before = snapshot(model.reward_model)
+    fusion_before, head_before = snapshot(model.fusion), snapshot(model.head)
+    rte, hidden, mask, rewards = batch()
+    for step in range(3):
+        stats = model.update(rte, hidden, mask, rewards, group_size=4, step=step)
+    assert stats["groups_used"] == 2 and stats["groups_skipped"] == 0
+    body_after = model.reward_model.state_dict()
+    assert all(torch.equal(body_before[k], body_after[k]) for k in body_before)
+    assert all(not p.requires_grad for p in model.reward_model.parameters())
+    changed = {k for k, v in model.fusion.state_dict().items() if not torch.equal(v, fusion_before[k])}
+    assert changed == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+    assert not torch.equal(model.head.weight, head_before["weight"])
+
+
+def test_update_gradient_matches_float64_reference(reward_model):
+    model = make(reward_model, max_grad_norm=None)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.2)
+    rte, hidden, mask, rewards = batch(seed=5)
+    reference = copy.deepcopy(model).double()
+    step, group_size = 4, 4
+    w = r2m.omega(step, 10, 0.6)
+    h64 = torch.where(mask[..., None], hidden.double(), 0.0)
+    fusion64 = reference.fusion
+    fusion64.impl = "naive"
+    fused = w * rte.double() + (1 - w) * fusion64(rte.double(), h64, mask)
+    scores = reference.head(fused).squeeze(-1).view(2, group_size)
+    winner, loser, valid = losses.select_pairs(rewards.double().view(2, group_size))
+    expected_loss = losses.grebt_loss(scores, winner, loser, 0.3, valid)
+    expected_loss.backward()
+
+    stats = model.update(rte, hidden, mask, rewards, group_size, step)
+    assert stats["loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert stats["omega"] == pytest.approx(w)
+    for (name, param), (_, ref) in zip(model.named_parameters(), reference.named_parameters()):
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad.double(), ref.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_modes(reward_model):
+    rte, hidden, mask, rewards = batch(seed=7)
+    results = {}
+    for mode in r2m.MODES:
+        torch.manual_seed(0)
+        model = make(copy.deepcopy(reward_model), mode=mode)
+        torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.5)
+        fusion_before, head_before = snapshot(model.fusion), snapshot(model.head)
+        reward = model.reward_from_rte(rte, hidden, mask, step=5)
+        stats = model.update(rte, hidden, mask, rewards, group_size=4, step=5)
+        fusion_same = all(torch.equal(v, fusion_before[k]) for k, v in model.fusion.state_dict().items())
+        head_same = torch.equal(model.head.weight, head_before["weight"])
+        results[mode] = (reward, stats, fusion_same, head_same, model)
+    vanilla = results["vanilla"][4].vanilla_reward_from_rte(rte)
+    torch.testing.assert_close(results["vanilla"][0], vanilla)
+    assert results["vanilla"][2:4] == (True, True) and results["frozen"][2:4] == (True, True)
+    assert not torch.allclose(results["frozen"][0], vanilla)
+    torch.testing.assert_close(results["frozen"][0], results["r2m"][0])
+    torch.testing.assert_close(results["head_only"][0], vanilla)  # the head before its first update is the RM's
+    assert results["head_only"][2:4] == (True, False)
+    for mode in ("r2m", "noise", "no_bt", "no_gre"):
+        assert results[mode][2:4] == (False, False), mode
+    assert not torch.allclose(results["noise"][0], results["r2m"][0])
+    no_bt, no_gre = results["no_bt"][1], results["no_gre"][1]
+    assert no_bt["loss"] == pytest.approx(no_bt["gre"]) and no_gre["loss"] == pytest.approx(no_gre["bt"])
+
+
+def test_noise_mode_only_sees_mean_and_variance(reward_model):
+    rte, hidden, mask, _ = batch(seed=9)
+    mask[:] = True
+    flat = hidden.flatten(1)
+    permuted = flat[:, torch.randperm(flat.shape[1])].view_as(hidden)
+    out = []
+    for h in (hidden, permuted):
+        torch.manual_seed(0)
+        model = make(copy.deepcopy(reward_model), mode="noise", seed=123)
+        torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.5)
+        out.append(model.reward_from_rte(rte, h, mask, step=5))
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_non_finite_hidden_falls_back_and_skips_group(reward_model):
+    model = make(reward_model)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.5)
+    rte, hidden, mask, rewards = batch(seed=11)
+    hidden[5, 0, 3] = float("nan")
+    hidden[6, 0, 0] = float("inf")
+    reward = model.reward_from_rte(rte, hidden, mask, step=2)
+    assert torch.isfinite(reward).all()
+    vanilla = model.vanilla_reward_from_rte(rte)
+    torch.testing.assert_close(reward[5:7], vanilla[5:7])
+    assert not torch.allclose(reward[:4], vanilla[:4])
+    stats = model.update(rte, hidden, mask, rewards, group_size=4, step=2)
+    assert stats["groups_used"] == 1 and stats["groups_skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
+
+
+def test_non_finite_annotation_reward_skips_group(reward_model):
+    model = make(reward_model)
+    rte, hidden, mask, rewards = batch(seed=13)
+    rewards[1] = float("nan")
+    stats = model.update(rte, hidden, mask, rewards, group_size=4, step=0)
+    assert (stats["groups_used"], stats["groups_skipped"]) == (1, 1)
+    rewards[4] = float("inf")
+    head_before = snapshot(model.head)
+    stats = model.update(rte, hidden, mask, rewards, group_size=4, step=0)
+    assert (stats["groups_used"], stats["groups_skipped"]) == (0, 2)
+    assert torch.equal(model.head.weight, head_before["weight"])
+
+
+def test_all_equal_rewards_and_empty_completions_stay_finite(reward_model):
+    model = make(reward_model)
+    rte, hidden, mask, _ = batch(seed=17)
+    mask[0] = False
+    rewards = torch.ones(8)
+    stats = model.update(rte, hidden, mask, rewards, group_size=4, step=1)
+    assert stats["groups_used"] == 2 and stats["bt"] == 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert torch.isfinite(model.reward_from_rte(rte, hidden, mask, step=1)).all()
+
+
+def test_packed_hidden_gives_same_reward(reward_model):
+    model = make(reward_model)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.5)
+    rte, hidden, mask, _ = batch(seed=19)
+    packed, cu_seqlens = r2m.fusion.pack(hidden, mask)
+    torch.testing.assert_close(model.reward_from_rte(rte, packed, None, 3, cu_seqlens=cu_seqlens),
+                               model.reward_from_rte(rte, hidden, mask, 3))
+
+
+def test_bf16_hidden_and_bf16_reward_model(tokenizer):
+    rm = tiny.build_reward_model(tokenizer, "qwen2").to(torch.bfloat16)
+    model = r2m.wrap(rm, POLICY_DIM, r2m.R2MConfig(total_steps=4))
+    assert model.head.weight.dtype == torch.float32 and model.fusion.q_proj.weight.dtype == torch.float32
+    enc = tokenizer(["w1 w2", "w3 w4 w5"], return_tensors="pt", padding=True)
+    rte = model.rte(enc.input_ids, enc.attention_mask)
+    hidden = torch.randn(2, 3, POLICY_DIM, dtype=torch.bfloat16)
+    reward = model.reward_from_rte(rte, hidden, torch.ones(2, 3, dtype=torch.bool), 1)
+    assert reward.dtype == torch.float32 and torch.isfinite(reward).all()
+
+
+def test_save_and_load_round_trip_is_bit_identical(reward_model, tmp_path):
+    model = make(reward_model)
+    rte, hidden, mask, rewards = batch(seed=23)
+    for step in range(2):
+        model.update(rte, hidden, mask, rewards, 4, step)
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"r2m_config.json", "r2m_model.safetensors",
+                                                    "r2m_optimizer.safetensors"}
+    loaded = r2m.R2MRewardModel.from_pretrained(tmp_path, copy.deepcopy(reward_model))
+    for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters()):
+        assert torch.equal(a, b)
+    for step in (2, 3):
+        model.update(rte, hidden, mask, rewards, 4, step)
+        loaded.update(rte, hidden, mask, rewards, 4, step)
+    for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert loaded.config == model.config and loaded.total_steps == 10
+
+
+def test_mismatched_checkpoint_is_refused(reward_model, tokenizer, tmp_path):
+    make(reward_model).save_pretrained(tmp_path)
+    wider = tiny.build_reward_model(tokenizer, "llama", hidden_size=48)
+    with pytest.raises(ValueError, match="rm_dim: checkpoint 32 vs this model 48"):
+        r2m.R2MRewardModel.from_pretrained(tmp_path, wider)
+    other = make(copy.deepcopy(reward_model), num_heads=4)
+    with pytest.raises(ValueError, match="config.num_heads: checkpoint 2 vs this model 4"):
+        other.load_state(tmp_path)
+    with pytest.raises(FileNotFoundError, match="r2m_config.json is missing"):
+        other.load_state(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, b: m.update(b[0], b[1][..., :20], b[2], b[3], 4, 0), ValueError, "policy_hidden_size=24"),
+    (lambda m, b: m.update(*b, group_size=1, step=0), ValueError, "group_size must be an int >= 2"),
+    (lambda m, b: m.update(*b, group_size=3, step=0), ValueError, "not a whole number of groups"),
+    (lambda m, b: m.update(b[0], b[1], b[2], b[3][:5], 4, 0), ValueError, r"rewards must have shape \[batch=8\]"),
+    (lambda m, b: m.reward_from_rte(b[0][:, :30], b[1], b[2], 0), ValueError, "rm_dim=32"),
+    (lambda m, b: m.reward_from_rte(b[0], b[1].long(), b[2], 0), TypeError, "floating-point"),
+    (lambda m, b: m.reward_from_rte(b[0], b[1], b[2][:, :3], 0), ValueError, "mask must have shape"),
+    (lambda m, b: m.reward_from_rte(b[0], None, b[2], 0), ValueError, "hidden .* is required"),
+    (lambda m, b: m.rte(torch.zeros(2, 0, dtype=torch.long)), ValueError, "input_ids is empty"),
+    (lambda m, b: m.rte(torch.randn(2, 3)), ValueError, "input_ids must be an integer tensor"),
+])
+def test_bad_input_messages(reward_model, call, error, message):
+    with pytest.raises(error, match=message):
+        call(make(reward_model), batch())
+
+
+def test_unknown_total_steps(reward_model):
+    model = r2m.wrap(reward_model, POLICY_DIM, r2m.R2MConfig())
+    rte, hidden, mask, _ = batch()
+    with pytest.raises(ValueError, match="total_steps is unknown"):
+        model.reward_from_rte(rte, hidden, mask, 0)
+
+
+def test_wrap_refuses_what_is_not_a_sequence_classifier(tokenizer):
+    with pytest.raises(ValueError, match="no linear scoring head"):
+        r2m.wrap(tiny.build_policy(tokenizer), POLICY_DIM)
+    two_labels = tiny.build_reward_model(tokenizer)
+    two_labels.score = torch.nn.Linear(32, 2)
+    with pytest.raises(ValueError, match="num_labels=1"):
+        r2m.wrap(two_labels, POLICY_DIM)
+    with pytest.raises(ValueError, match="policy_hidden_size must be an int"):
+        r2m.wrap(tiny.build_reward_model(tokenizer), 0)
+    with pytest.raises(TypeError, match="config must be an r2m.R2MConfig"):
+        r2m.wrap(tiny.build_reward_model(tokenizer), POLICY_DIM, {"alpha": 0.3})
+    assert AutoModelForCausalLM  # the causal LM class is what users most often pass by mistake
