@@ -1,10 +1,10 @@
 """A miniature RLHF world whose truth is known (Gao et al.'s synthetic set-up, in miniature).
 
 Prompts are sets of topic words. The gold reward pays for covering the prompt's words and for using the
-"good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The proxy reward model is trained with Bradley-Terry on a small, biased set of gold-labelled
-pairs in which the better response usually carries one spurious word, so it learns that the spurious word is
-good: a policy optimised against it can raise the proxy reward by emitting the spurious word, while the gold
-reward falls. Everything is built offline from configs.
+"good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The proxy reward model is
+trained with Bradley-Terry on a small, biased set of gold-labelled pairs in which the better response usually
+carries one spurious word, so it learns that the spurious word is good: a policy optimised against it can raise
+the proxy reward by emitting the spurious word while the gold reward falls. Everything is built offline.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class LabWorld:
 
     @torch.no_grad()
     def score(self, model: PreTrainedModel, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        enc = self._encode([self.reward_text(p, r) for p, r in zip(prompts, responses)])
+        enc = self._encode([self.reward_text(p, r) for p, r in zip(prompts, responses, strict=False)])
         return model(**enc).logits.squeeze(-1)
 
     def accuracy(self, model: PreTrainedModel, pairs: list[tuple[str, str, str]]) -> float:

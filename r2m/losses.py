@@ -25,7 +25,8 @@ def _check_groups(name: str, rewards: Tensor) -> None:
 def bt_loss(r_w: Tensor, r_l: Tensor) -> Tensor:
     """Bradley-Terry loss -log sigmoid(r_w - r_l) per group, shape [G]."""
     if r_w.shape != r_l.shape:
-        raise ValueError(f"bt_loss: r_w and r_l must have the same shape, got {tuple(r_w.shape)} and {tuple(r_l.shape)}")
+        raise ValueError(f"bt_loss: r_w and r_l must have the same shape, got {tuple(r_w.shape)} and "
+                         f"{tuple(r_l.shape)}")
     return -F.logsigmoid(r_w - r_l)
 
 

@@ -1,5 +1,6 @@
 """R2MConfig validation and the w(t) schedule of paper Eq. 4."""
 
+import itertools
 import math
 
 import pytest
@@ -67,7 +68,7 @@ def test_omega_follows_eq4(total, floor):
 
 def test_omega_is_monotone_non_increasing():
     values = [r2m.omega(t, 50, 0.6) for t in range(51)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize("args, message", [((0, 0, 0.6), "total_steps must be an int >= 1"),

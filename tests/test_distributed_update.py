@@ -74,6 +74,6 @@ def test_two_process_update_equals_single_process(tmp_path):
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0]["state"][name], value, atol=1e-6, rtol=0, msg=name)
         assert not torch.equal(value, initial[name]), f"{name} was not updated"
-    for got, want in zip(ranks[0]["stats"], single_stats):
+    for got, want in zip(ranks[0]["stats"], single_stats, strict=False):
         assert (got["groups_used"], got["groups_skipped"]) == (2, 1) == (want["groups_used"], want["groups_skipped"])
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)

@@ -40,7 +40,8 @@ def test_proxy_learns_the_data_and_is_exploitable(world):
     spam = ["w0 " * 7 + "w0"] * 16
     typical = [world.sample_response(p, rng, spurious=False) for p in prompts]
     assert world.score(proxy, prompts, spam).mean() > world.score(proxy, prompts, typical).mean()
-    assert all(world.gold_reward(p, s) < world.gold_reward(p, t) for p, s, t in zip(prompts, spam, typical))
+    gold = [(world.gold_reward(p, s), world.gold_reward(p, t)) for p, s, t in zip(prompts, spam, typical, strict=True)]
+    assert all(spam_gold < typical_gold for spam_gold, typical_gold in gold)
 
 
 def test_config_validation():

@@ -22,7 +22,7 @@ def reference_gre(rewards):
 
 def test_bt_loss_matches_reference():
     r_w, r_l = torch.randn(6), torch.randn(6)
-    expected = torch.tensor([math.log1p(math.exp(-(a - b))) for a, b in zip(r_w.tolist(), r_l.tolist())])
+    expected = torch.tensor([math.log1p(math.exp(-(a - b))) for a, b in zip(r_w.tolist(), r_l.tolist(), strict=False)])
     torch.testing.assert_close(losses.bt_loss(r_w, r_l), expected.float())
 
 
@@ -80,7 +80,7 @@ def test_grebt_combines_terms():
 
 def test_grebt_alpha_extremes():
     rewards = torch.randn(2, 5)
-    winner, loser, valid = losses.select_pairs(rewards)
+    winner, loser, _valid = losses.select_pairs(rewards)
     rows = torch.arange(2)
     torch.testing.assert_close(losses.grebt_loss(rewards, winner, loser, 0.0),
                                losses.bt_loss(rewards[rows, winner], rewards[rows, loser]).mean())
