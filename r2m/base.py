@@ -1,0 +1,315 @@
+"""R2MModule: the fusion, scoring head, schedule, GREBT update and checkpoints shared by every R2M reward."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from r2m.config import R2MConfig
+from r2m.fusion import SequenceToTokenAttention
+from r2m.losses import bt_loss, gre_loss, grebt_loss, select_pairs
+from r2m.schedule import omega
+
+CONFIG_NAME = "r2m_config.json"
+WEIGHTS_NAME = "r2m_model.safetensors"
+OPTIMIZER_NAME = "r2m_optimizer.safetensors"
+# Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
+STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
+
+
+class R2MModule(nn.Module):
+    """An R2M reward r = w(t) r_base + (1 - w(t)) head(Ĥ), Ĥ = fusion(RTE, policy hidden states) (paper Eq. 4).
+
+    Subclasses say what the reward-token embedding (`rte`) and the base reward are. Only ``fusion`` and ``head``
+    train (``head`` alone in ``head_only`` mode, where the RTE stands in for Ĥ).
+    """
+
+    def __init__(self, rm_dim: int, policy_hidden_size: int, config: R2MConfig | None, head: nn.Linear):
+        super().__init__()
+        config = R2MConfig() if config is None else config
+        if not isinstance(config, R2MConfig):
+            raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
+        if isinstance(policy_hidden_size, bool) or not isinstance(policy_hidden_size, int) or policy_hidden_size < 1:
+            raise ValueError(f"policy_hidden_size must be an int >= 1 (the policy's hidden size), got "
+                             f"{policy_hidden_size!r}")
+        self.config = config
+        self.rm_dim, self.policy_dim = rm_dim, policy_hidden_size
+        device = head.weight.device
+        self.fusion = SequenceToTokenAttention(rm_dim, policy_hidden_size,
+                                               config.resolved_attn_dim(rm_dim, policy_hidden_size),
+                                               config.num_heads, config.impl).to(device)
+        self.head = head
+        self.total_steps: int | None = config.total_steps
+        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=config.lr)
+        self._noise = torch.Generator(device=device)
+        self._noise.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    def rte(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Reward-token embedding [B, D_rm] of the reward model's input."""
+        raise NotImplementedError
+
+    def base_reward(self, rte: Tensor, base_rewards: Tensor | None) -> Tensor:
+        """r_base [B] of Eq. 4's split form (differentiable where it is trained)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def vanilla_reward_from_rte(self, rte: Tensor, base_rewards: Tensor | None = None) -> Tensor:
+        """The unmodified reward model's reward [B] (float32)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What `update` trains: the head alone in ``head_only`` mode, fusion and head otherwise."""
+        modules = [self.head] if self.config.mode == "head_only" else [self.fusion, self.head]
+        return [p for module in modules for p in module.parameters()]
+
+    def omega_at(self, step: int) -> float:
+        """w(t) for the current policy step (paper Eq. 4), T = ``total_steps``."""
+        if self.total_steps is None:
+            raise ValueError("total_steps is unknown: set R2MConfig.total_steps or `rm.total_steps` "
+                             "(the trainer integrations set it from max_steps)")
+        return omega(step, self.total_steps, self.config.omega_min)
+
+    @torch.no_grad()
+    def reward_from_rte(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, step: int,
+                        cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None) -> Tensor:
+        """R2M reward [B] (float32) from cached RTEs and the policy's hidden states at policy step ``step``.
+
+        hidden: padded [B, S, D_p] with mask [B, S], or packed [N, D_p] with cu_seqlens [B + 1]. A sample whose
+        inputs or fused reward are not finite gets the vanilla reward instead: the fusion never adds a NaN.
+        """
+        vanilla = self.vanilla_reward_from_rte(rte, base_rewards)
+        if self.config.mode == "vanilla":
+            return vanilla
+        rewards, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards)
+        return torch.where(usable & torch.isfinite(rewards), rewards, vanilla)
+
+    def update(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, rewards: Tensor, group_size: int,
+               step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None) -> dict[str, float]:
+        """One GREBT update of fusion and head (paper Sec. 4.2) on groups of ``group_size`` consecutive samples.
+
+        ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
+        loser). Under torch.distributed each rank passes its contiguous, equal-sized slice of the global
+        group-major batch; only per-sample rewards travel, and every rank ends with identical weights.
+        Groups with a non-finite reward, RTE or hidden state are skipped and counted.
+        """
+        start = time.perf_counter()
+        device = self.head.weight.device
+        rewards = _check_rewards(rewards, rte.shape[0] if isinstance(rte, Tensor) else None)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"group_size must be an int >= 2 (responses per prompt), got {group_size!r}")
+        rank, world = _rank_and_world()
+        all_rewards = _all_gather(rewards.to(device), world)
+        if all_rewards.numel() % group_size:
+            raise ValueError(f"the batch has {all_rewards.numel()} samples in all, not a whole number of groups of "
+                             f"group_size={group_size}")
+        w = self.omega_at(step)
+        stats = {"omega": w, "loss": 0.0, "bt": 0.0, "gre": 0.0}
+        groups = all_rewards.numel() // group_size
+        if not self.config.trains:
+            return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "update_ms": 0.0}
+        fused, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, with_grad=True)
+        sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
+        group_ok = sample_ok.view(groups, group_size).all(dim=1)
+        annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
+        winner, loser, has_pair = select_pairs(annotation[group_ok])
+        used = int(group_ok.sum())
+        for inner in range(self.config.update_steps if used else 0):
+            if inner:
+                fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, with_grad=True)
+            gathered = _all_gather(fused.detach(), world).requires_grad_(True)
+            group_rewards = gathered.view(groups, group_size)[group_ok]
+            loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=False)
+            fused.backward(gathered.grad.view(world, -1)[rank])
+            self._step(world)
+            with torch.no_grad():
+                bt = bt_loss(group_rewards.gather(1, winner[:, None]), group_rewards.gather(1, loser[:, None]))
+                stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()),
+                             bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
+        return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
+                "update_ms": 1000.0 * (time.perf_counter() - start)}
+
+    def _step(self, world: int) -> None:
+        params = self.trainable_parameters()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if self.config.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+
+    def _rewards(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
+                 step: int, base_rewards: Tensor | None, with_grad: bool = False) -> tuple[Tensor, Tensor]:
+        """Trainable reward [B] and which samples had finite inputs. Non-finite inputs are zeroed first."""
+        rte = self._check_rte(rte)
+        usable = torch.isfinite(rte).all(dim=1)
+        rte = torch.where(usable[:, None], rte, torch.zeros_like(rte))
+        w = self.omega_at(step)
+        with torch.set_grad_enabled(with_grad):
+            base = self.base_reward(rte, base_rewards)
+            if self.config.uses_fusion:
+                if hidden is None:
+                    raise ValueError(f"hidden (the policy's hidden states) is required in mode {self.config.mode!r}")
+                hidden, mask, cu_seqlens, hidden_ok = self._clean_hidden(hidden, mask, cu_seqlens, rte.shape[0])
+                feature, usable = self.fusion(rte, hidden, mask, cu_seqlens), usable & hidden_ok
+            else:
+                feature = rte
+            return w * base + (1.0 - w) * self.head(feature).squeeze(-1), usable & torch.isfinite(base)
+
+    def _clean_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                      batch: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """Validates the policy states, zeroes non-finite ones, swaps in noise in ``noise`` mode; returns
+        per-sample finiteness."""
+        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"hidden must be a floating-point tensor of policy hidden states, got "
+                            f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+        if hidden.shape[-1] != self.policy_dim:
+            raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension but this R2M was built for "
+                             f"policy_hidden_size={self.policy_dim}")
+        device = self.head.weight.device
+        hidden = hidden.to(device)
+        token_ok = torch.isfinite(hidden).all(dim=-1)
+        if mask is not None:
+            if mask.shape != hidden.shape[:2]:
+                raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (batch, seq of hidden), got "
+                                 f"{tuple(mask.shape)}")
+            mask = mask.to(device=device, dtype=torch.bool)
+            sample_ok = (token_ok | ~mask).all(dim=1)
+        elif cu_seqlens is not None:
+            bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            sample_ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
+        else:
+            raise ValueError("pass mask (with padded hidden [B, S, D_p]) or cu_seqlens (with packed hidden [N, D_p])")
+        if sample_ok.shape[0] != batch:
+            raise ValueError(f"hidden describes {sample_ok.shape[0]} samples but rte has {batch}")
+        if not bool(token_ok.all()):
+            hidden = torch.where(token_ok[..., None], hidden, hidden.new_zeros(()))
+        if self.config.mode == "noise":
+            hidden = self._matched_noise(hidden, mask, cu_seqlens)
+        return hidden, mask, cu_seqlens, sample_ok
+
+    def _matched_noise(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor:
+        """Gaussian noise with each sample's mean and variance over its valid policy states (R2M w/ Noise)."""
+        if mask is not None:
+            weights = mask[..., None].float()
+            count = (weights.sum(dim=(1, 2)) * hidden.shape[-1]).clamp_min(1)[:, None, None]
+            mean = (hidden.float() * weights).sum(dim=(1, 2), keepdim=True) / count
+            var = ((hidden.float() - mean).square() * weights).sum(dim=(1, 2), keepdim=True) / count
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(hidden.device)
+            segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
+            count = (lengths * hidden.shape[-1]).clamp_min(1).float()
+            mean = torch.zeros_like(count).index_add_(0, segment, hidden.float().sum(-1)) / count
+            centred = (hidden.float() - mean[segment, None]).square().sum(-1)
+            var = torch.zeros_like(count).index_add_(0, segment, centred) / count
+            mean, var = mean[segment, None], var[segment, None]
+        noise = torch.randn(hidden.shape, generator=self._noise, device=hidden.device)
+        return (mean + var.sqrt() * noise).to(hidden.dtype)
+
+    def _check_rte(self, rte: Tensor) -> Tensor:
+        if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:
+            got = tuple(rte.shape) if isinstance(rte, Tensor) else type(rte).__name__
+            raise ValueError(f"rte must have shape [batch, rm_dim={self.rm_dim}] (from `rm.rte`), got {got}")
+        if not rte.is_floating_point():
+            raise TypeError(f"rte must be a floating-point tensor, got {rte.dtype}")
+        return rte.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the fusion, the head and the optimizer state (safetensors) and the config (JSON)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {f"fusion.{k}": v for k, v in self.fusion.state_dict().items()}
+        weights.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(directory / WEIGHTS_NAME))
+        optim = self.optimizer.state_dict()
+        tensors = {f"state.{index}.{key}": torch.as_tensor(value).cpu()
+                   for index, state in optim["state"].items() for key, value in state.items()}
+        tensors["noise_generator"] = self._noise.get_state()
+        save_file(tensors, str(directory / OPTIMIZER_NAME))
+        meta = {"kind": type(self).__name__, "config": self.config.to_dict(), "rm_dim": self.rm_dim,
+                "policy_dim": self.policy_dim, "attn_dim": self.fusion.attn_dim,
+                "head_bias": self.head.bias is not None, "total_steps": self.total_steps,
+                "param_groups": optim["param_groups"]}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, save_directory: str | os.PathLike, reward_model: nn.Module,
+                        config: R2MConfig | None = None) -> R2MModule:
+        """Rebuild an R2M reward saved by `save_pretrained` around ``reward_model`` (the same frozen model)."""
+        meta = read_meta(save_directory)
+        model = cls(reward_model, meta["policy_dim"], config if config is not None else R2MConfig(**meta["config"]))
+        model.load_state(save_directory)
+        return model
+
+    def load_state(self, save_directory: str | os.PathLike) -> None:
+        """Restore fusion, head, optimizer and noise state in place from `save_pretrained` output, after checking
+        that the checkpoint was made for the same kind of reward, dimensions and config."""
+        directory = Path(save_directory)
+        meta = read_meta(directory)
+        expected = {"kind": type(self).__name__, "rm_dim": self.rm_dim, "policy_dim": self.policy_dim,
+                    "attn_dim": self.fusion.attn_dim, "head_bias": self.head.bias is not None}
+        mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        mismatched.update({f"config.{k}": (meta["config"].get(k), getattr(self.config, k))
+                           for k in STRUCTURAL_FIELDS if meta["config"].get(k) != getattr(self.config, k)})
+        if mismatched:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"the R2M checkpoint in {directory} does not match this reward model/config ({details})")
+        weights = load_file(str(directory / WEIGHTS_NAME))
+        device = self.head.weight.device
+        self.fusion.load_state_dict({k[7:]: v.to(device) for k, v in weights.items() if k.startswith("fusion.")})
+        self.head.load_state_dict({k[5:]: v.to(device) for k, v in weights.items() if k.startswith("head.")})
+        self.total_steps = meta.get("total_steps", self.total_steps)
+        optimizer_file = directory / OPTIMIZER_NAME
+        if optimizer_file.exists():
+            tensors = load_file(str(optimizer_file))
+            self._noise.set_state(tensors.pop("noise_generator"))
+            state: dict[int, dict[str, Tensor]] = {}
+            for key, value in tensors.items():
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def read_meta(save_directory: str | os.PathLike) -> dict:
+    """The JSON side of an R2M checkpoint."""
+    path = Path(save_directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no R2M checkpoint at {save_directory}: {CONFIG_NAME} is missing")
+    return json.loads(path.read_text())
+
+
+def _check_rewards(rewards: Tensor, batch: int | None) -> Tensor:
+    rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 1 or (batch is not None and rewards.shape[0] != batch):
+        raise ValueError(f"rewards must have shape [batch={batch}] (one annotation reward per sample), got "
+                         f"{tuple(rewards.shape)}")
+    return rewards.float()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(tensor: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's equal-sized 1-D slice in rank order (identity on one process)."""
+    if world == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"every rank must pass the same number of samples to update, got "
+                         f"{[int(s) for s in sizes]}")
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
