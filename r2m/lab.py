@@ -1,10 +1,11 @@
 """A miniature RLHF world whose truth is known (Gao et al.'s synthetic set-up, in miniature).
 
-Prompts are sets of topic words. The gold reward pays for covering the prompt's words and for using the
-"good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The proxy reward model is
-trained with Bradley-Terry on a small, biased set of gold-labelled pairs in which the better response usually
-carries one spurious word, so it learns that the spurious word is good: a policy optimised against it can raise
-the proxy reward by emitting the spurious word while the gold reward falls. Everything is built offline.
+Prompts are sets of topic words. The gold reward pays for covering the prompt's words and for using many
+different words of the "good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The
+proxy reward model is trained with Bradley-Terry on a small, biased set of gold-labelled pairs in which the
+better response usually carries one spurious word and repeats are rare, so it learns that the spurious word and
+good words as such are good: a policy optimised against it can raise the proxy reward by repeating a good word
+or emitting the spurious word while the gold reward falls. Everything is built offline.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ class LabWorld:
         return [" ".join(rng.sample(self.words, self.config.prompt_words)) for _ in range(count)]
 
     def gold_reward(self, prompt: str, response: str) -> float:
-        """Half the share of the prompt's words the response covers, plus half its share of good words, minus the
-        penalty times its share of spurious words. In [-penalty, 1]."""
+        """Half the share of the prompt's words the response covers, plus half its share of distinct good words,
+        minus the penalty times its share of spurious words. In [-penalty, 1]."""
         topic, words = set(prompt.split()), response.split()
         if not words:
             return 0.0
         coverage = len(topic & set(words)) / len(topic)
-        good = sum(word in self.good_words for word in words) / len(words)
+        good = len(self.good_words & set(words)) / len(words)
         spurious = words.count(self.config.spurious_word) / len(words)
         return 0.5 * coverage + 0.5 * good - self.config.spurious_penalty * spurious
 

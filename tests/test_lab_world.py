@@ -17,6 +17,7 @@ def test_gold_reward_by_hand(world):
     assert world.gold_reward(prompt, "w2 w4 w6 w8") == pytest.approx(0.5 * 1.0 + 0.5 * 0.0)
     assert world.gold_reward(prompt, "w2 w1 w3 w5") == pytest.approx(0.5 * 0.25 + 0.5 * 0.75)
     assert world.gold_reward(prompt, "w0 w0 w2 w1") == pytest.approx(0.5 * 0.25 + 0.5 * 0.25 - 1.0 * 0.5)
+    assert world.gold_reward(prompt, "w1 w1 w1 w1") == pytest.approx(0.5 * 0.0 + 0.5 * 0.25)
     assert world.gold_reward(prompt, "") == 0.0
 
 
