@@ -174,28 +174,34 @@ class HiddenStateCapture:
         return result
 
     @torch.no_grad()
-    def forward(self, sequences: Sequence[Sequence[int]]) -> CapturedStates:
-        """One no-grad forward of the policy on the given full token sequences (right padded), captured by the
-        same hook; returns their states."""
+    def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> CapturedStates:
+        """No-grad forwards of the policy on full token sequences (right padded, ``batch_size`` rows at a time),
+        captured by the same hook; returns their states."""
         if not sequences or any(len(s) == 0 for s in sequences):
             raise ValueError("forward needs at least one sequence and no empty sequence")
+        batch_size = batch_size or len(sequences)
         device = next(self.module.parameters()).device
-        width = max(len(s) for s in sequences)
-        input_ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.as_tensor(list(seq), device=device)
-            attention_mask[i, : len(seq)] = 1
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if "logits_to_keep" in inspect.signature(_unwrap(self.model).forward).parameters:
-            kwargs["logits_to_keep"] = 1
+        accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_unwrap(self.model).forward).parameters
         keep, self.keep_forwards = self.keep_forwards, True
         previous, self._forwards = self._forwards, []
         attached = self._handle is not None
+        result = CapturedStates([], [])
         try:
             self.attach()
-            self.model(**kwargs)
-            return self.pop_forwards(sequences)
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start:start + batch_size]
+                width = max(len(s) for s in chunk)
+                input_ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+                attention_mask = torch.zeros_like(input_ids)
+                for i, seq in enumerate(chunk):
+                    input_ids[i, : len(seq)] = torch.as_tensor(list(seq), device=device)
+                    attention_mask[i, : len(seq)] = 1
+                kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep else {}
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+                states = self.pop_forwards(chunk)
+                result.hidden += states.hidden
+                result.tokens += states.tokens
+            return result
         finally:
             self.keep_forwards, self._forwards = keep, previous
             if not attached:

@@ -1,0 +1,359 @@
+"""R2MReward: one object that is both the TRL reward function and the `TrainerCallback` driving R2M."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, RLOOConfig
+from trl.data_utils import apply_chat_template, is_conversational
+
+from r2m.capture import CapturedStates, HiddenStateCapture, pack
+from r2m.config import R2MConfig
+from r2m.reward_model import R2MRewardModel, find_body, find_score_head
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "r2m"
+CAPTURE_SOURCES = ("forward", "generation", "extra")
+UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "update_ms")
+
+
+@dataclass
+class _Batch:
+    """One training generation batch of this process, kept until the policy has finished optimising on it."""
+
+    rte: Tensor
+    hidden: list[Tensor]
+    rewards: Tensor
+    step: int
+    start: int
+    keys: dict[tuple[int, ...], list[int]]
+    refreshed: set[int] = field(default_factory=set)
+
+
+class R2MReward(TrainerCallback):
+    """An R2M reward for TRL's ``GRPOTrainer`` and ``RLOOTrainer``: pass the same object as a reward function
+    and as a callback.
+
+    >>> r2m_reward = R2MReward(reward_model, reward_tokenizer, config=R2MConfig())
+    >>> GRPOTrainer(model=policy, reward_funcs=[r2m_reward], callbacks=[r2m_reward], ...)
+
+    ``reward_model``: a Hugging Face ``*ForSequenceClassification`` model (num_labels=1), a local path loaded
+    with ``AutoModelForSequenceClassification`` (``model_init_kwargs`` are passed on; ``trust_remote_code`` stays
+    off unless given there), or an already wrapped `r2m.R2MRewardModel`. ``reward_tokenizer`` defaults to the
+    path's tokenizer. The policy's hidden states come from forwards the trainer already runs (see `capture_plan`);
+    the fusion and head are updated once per generation batch, after the policy's last pass over it, and saved
+    with the trainer's checkpoints.
+    """
+
+    def __init__(self, reward_model: nn.Module | str | os.PathLike, reward_tokenizer: PreTrainedTokenizerBase | None = None,
+                 config: R2MConfig | None = None, name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None):
+        if isinstance(reward_model, R2MRewardModel):
+            if config is not None and config != reward_model.config:
+                raise ValueError("config differs from the config of the given R2MRewardModel: pass one or the other")
+            self.r2m: R2MRewardModel | None = reward_model
+            model = reward_model.reward_model
+            config = reward_model.config
+        elif isinstance(reward_model, (str, os.PathLike)):
+            self.r2m = None
+            model = AutoModelForSequenceClassification.from_pretrained(reward_model, **(model_init_kwargs or {}))
+        elif isinstance(reward_model, nn.Module):
+            self.r2m, model = None, reward_model
+        else:
+            raise TypeError(f"reward_model must be a Hugging Face *ForSequenceClassification model, a local path to "
+                            f"one, or an r2m.R2MRewardModel, got {type(reward_model).__name__}")
+        find_score_head(model)
+        find_body(model)
+        if config is not None and not isinstance(config, R2MConfig):
+            raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
+        self.config = config or R2MConfig()
+        self.reward_model = model
+        self.tokenizer = _reward_tokenizer(reward_tokenizer, reward_model, model)
+        self.__name__ = name
+        self.capture_plan: str | None = None
+        self.capture_counts: dict[str, int] = dict.fromkeys(CAPTURE_SOURCES, 0)
+        self.extra_forwards = 0
+        self.update_stats: list[dict[str, float]] = []
+        self._capture: HiddenStateCapture | None = None
+        self._policy: nn.Module | None = None
+        self._policy_tokenizer: PreTrainedTokenizerBase | None = None
+        self._chat_template_kwargs: dict[str, Any] = {}
+        self._group_size = self._generate_every = self._forward_batch_size = 0
+        self._pending: list[_Batch] = []
+        self._micro_steps = 0
+        self._calls = 0
+        self._resume_dir: Path | None = None
+        self._log_metric: Callable[[str, float], None] | None = None
+        self._queued_metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ---- the reward function -----------------------------------------------------------------------------------
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                 trainer_state: TrainerState | None = None, log_metric: Callable[[str, float], None] | None = None,
+                 **dataset_columns: Any) -> list[float | None]:
+        """R2M rewards for this process's samples; a reward that is not finite is returned as None."""
+        if self.r2m is None or self._capture is None:
+            raise RuntimeError("R2MReward was called as a reward function before a trainer set it up: pass the same "
+                               "object in callbacks=[...] as well as in reward_funcs=[...]")
+        self._calls += 1
+        step = trainer_state.global_step if trainer_state is not None else 0
+        if self.r2m.total_steps is None:
+            self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
+        encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt", padding=True,
+                                 padding_side="right", add_special_tokens=False)
+        rte = self.r2m.rte(encoded["input_ids"], encoded["attention_mask"])
+        hidden, tokens, extra = self._policy_states(prompts, completion_ids)
+        packed, cu_seqlens = pack(hidden)
+        rewards = self.r2m.reward_from_rte(rte, packed, None, step, cu_seqlens=cu_seqlens)
+        vanilla = self.r2m.vanilla_reward_from_rte(rte)
+        finite = torch.isfinite(rewards)
+        training = self._policy.training
+        if training:
+            self._log_metric = log_metric
+            keys: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for i, key in enumerate(tokens):
+                keys[key].append(i)
+            self._pending.append(_Batch(rte, hidden, torch.where(finite, rewards, torch.nan), step,
+                                        self._micro_steps, dict(keys)))
+        if log_metric is not None:
+            metrics = {"r2m/reward_mean": _mean(rewards[finite]), "r2m/vanilla_reward_mean": _mean(vanilla),
+                       "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(hidden),
+                       "r2m/reward_nonfinite": float((~finite).sum())}
+            if training:
+                metrics.update({k: sum(v) / len(v) for k, v in self._queued_metrics.items()})
+                self._queued_metrics.clear()
+            for key, value in metrics.items():
+                log_metric(key, value)
+        return [float(r) if ok else None for r, ok in zip(rewards.tolist(), finite.tolist(), strict=True)]
+
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Restore the R2M state from a trainer checkpoint directory (or its ``r2m`` subdirectory) when training
+        starts; only needed when resuming from a checkpoint outside the trainer's ``output_dir``."""
+        path = Path(checkpoint_dir)
+        self._resume_dir = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+
+    # ---- the callback ----------------------------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, processing_class: PreTrainedTokenizerBase | None = None,
+                    **kwargs: Any) -> None:
+        if not isinstance(args, (GRPOConfig, RLOOConfig)):
+            raise TypeError(f"R2MReward works with TRL's GRPOTrainer and RLOOTrainer (GRPOConfig / RLOOConfig "
+                            f"arguments); this trainer has {type(args).__name__}")
+        if args.num_generations < 2:
+            raise ValueError(f"R2M updates on groups of responses per prompt: num_generations must be >= 2, got "
+                             f"{args.num_generations}")
+        policy_dim = model.config.get_text_config().hidden_size
+        if self.r2m is None:
+            self.r2m = self._wrap(policy_dim, args)
+        elif self.r2m.policy_dim != policy_dim:
+            raise ValueError(f"the R2MRewardModel was built for policy_hidden_size={self.r2m.policy_dim} but the "
+                             f"policy's hidden size is {policy_dim}")
+        if self._capture is not None:
+            self._capture.remove()
+        self.capture_plan = capture_plan(args)
+        self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
+                                           keep_generation=self.capture_plan == "generation",
+                                           keep_forwards=self.capture_plan == "forward",
+                                           on_train_forward=self._refresh).attach()
+        self._policy, self._policy_tokenizer = model, processing_class
+        self._chat_template_kwargs = dict(args.chat_template_kwargs or {})
+        self._group_size = args.num_generations
+        self._generate_every = args.steps_per_generation * args.num_iterations
+        self._forward_batch_size = args.per_device_train_batch_size
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.r2m.total_steps = self.config.total_steps or state.max_steps
+        self._pending, self._micro_steps, self._calls = [], 0, 0
+        if self._resume_dir is None and state.global_step > 0:
+            self._resume_dir = _find_checkpoint(args, state)
+        if self._resume_dir is not None:
+            self.r2m.load_state(self._resume_dir)
+            self.r2m.total_steps = self.config.total_steps or state.max_steps
+            self._resume_dir = None
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            with torch.no_grad():
+                for param in self.r2m.trainable_parameters():
+                    dist.broadcast(param.data, src=0)
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._advance()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self._calls == 0:
+            raise RuntimeError("R2MReward is a callback of this trainer but was never called as a reward function: "
+                               "pass the same object in reward_funcs=[...] as well as in callbacks=[...]")
+        self._advance()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if args.should_save:
+            self.r2m.save_pretrained(_checkpoint_dir(args, state.global_step) / CHECKPOINT_SUBDIR)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._pending = []
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    def _wrap(self, policy_dim: int, args: TrainingArguments) -> R2MRewardModel:
+        device = next(self.reward_model.parameters()).device
+        if device.type == "cpu" and args.device.type != "cpu":
+            self.reward_model.to(args.device)
+            device = args.device
+        seed = self.config.seed if self.config.seed is not None else args.seed
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return R2MRewardModel(self.reward_model, policy_dim, self.config)
+
+    def _reward_texts(self, prompts: list, completions: list) -> list[str]:
+        if is_conversational({"prompt": prompts[0]}):
+            return [apply_chat_template({"messages": p + c}, self.tokenizer, **self._chat_template_kwargs)["text"]
+                    for p, c in zip(prompts, completions, strict=True)]
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+    def _policy_states(self, prompts: list, completion_ids: list[list[int]]
+                       ) -> tuple[list[Tensor], list[tuple[int, ...]], int]:
+        """Per-sample policy states taken from the planned source; the rest from one extra no-grad forward."""
+        completions = [list(c) for c in completion_ids]
+        if self.capture_plan == "forward":
+            states = self._capture.pop_forwards(completions)
+        elif self.capture_plan == "generation":
+            states = self._capture.pop_generation(completions)
+        else:
+            states = CapturedStates([None] * len(completions), [None] * len(completions))
+        self._capture.clear()
+        missing = [i for i, hidden in enumerate(states.hidden) if hidden is None]
+        self.capture_counts[self.capture_plan] += len(completions) - len(missing)
+        if missing:
+            if self.capture_plan != "extra":
+                logger.warning("R2M: %d of %d samples were not in the trainer's own %s pass; running one extra "
+                               "policy forward for them", len(missing), len(completions), self.capture_plan)
+            prompt_ids = self._prompt_ids([prompts[i] for i in missing])
+            sequences = [list(p) + completions[i] for p, i in zip(prompt_ids, missing, strict=True)]
+            extra = self._capture.forward(sequences, batch_size=self._forward_batch_size)
+            for j, i in enumerate(missing):
+                states.hidden[i], states.tokens[i] = extra.hidden[j], extra.tokens[j]
+            self.capture_counts["extra"] += len(missing)
+            self.extra_forwards += 1
+        return states.hidden, states.tokens, len(missing)
+
+    def _prompt_ids(self, prompts: list) -> list[list[int]]:
+        """The prompt token ids exactly as TRL's trainers build them for text-only policies."""
+        tokenizer = self._policy_tokenizer
+        if is_conversational({"prompt": prompts[0]}):
+            return tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True, **self._chat_template_kwargs)["input_ids"]
+        return tokenizer(text=prompts)["input_ids"]
+
+    def _refresh(self, captured: CapturedStates) -> None:
+        """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
+        for hidden, key in zip(captured.hidden, captured.tokens, strict=True):
+            for batch in reversed(self._pending):
+                rows = batch.keys.get(key)
+                if rows:
+                    for i in rows:
+                        batch.hidden[i] = hidden
+                        batch.refreshed.add(i)
+                    break
+
+    def _advance(self) -> None:
+        self._micro_steps += 1
+        while self._pending and self._micro_steps - self._pending[0].start >= self._generate_every:
+            self._update(self._pending.pop(0))
+
+    def _update(self, batch: _Batch) -> None:
+        packed, cu_seqlens = pack(batch.hidden)
+        stats = self.r2m.update(batch.rte, packed, None, batch.rewards, self._group_size, batch.step,
+                                cu_seqlens=cu_seqlens)
+        stats["refreshed"] = len(batch.refreshed) / len(batch.hidden)
+        self.update_stats.append(stats)
+        self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed")})
+
+    def _emit(self, metrics: dict[str, float]) -> None:
+        """Update metrics go into the trainer's metrics for the coming log; a trainer that keeps none gets them
+        through ``log_metric`` with the next generation batch."""
+        store = getattr(getattr(self._log_metric, "__self__", None), "_metrics", None)
+        for key, value in metrics.items():
+            if isinstance(store, dict) and isinstance(store.get("train"), dict):
+                store["train"][key].append(value)
+            else:
+                self._queued_metrics[key].append(value)
+
+
+def capture_plan(args: TrainingArguments) -> str:
+    """Which pass gives the policy's hidden states before rewards: ``forward`` (the trainer's own no-grad log-prob
+    forward: RLOO always, GRPO with vLLM importance sampling or misaligned generation/optimisation steps),
+    ``generation`` (stitched from ``transformers.generate``) or ``extra`` (one no-grad forward of our own)."""
+    if isinstance(args, RLOOConfig):
+        return "forward"
+    generate_every = args.steps_per_generation * args.num_iterations
+    if (args.use_vllm and args.vllm_importance_sampling_correction) or args.gradient_accumulation_steps % generate_every:
+        return "forward"
+    if args.use_vllm or getattr(args, "use_transformers_continuous_batching", False):
+        return "extra"
+    return "generation"
+
+
+def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
+                      model: nn.Module) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        path = source if isinstance(source, (str, os.PathLike)) else getattr(model, "name_or_path", "")
+        if not path or not os.path.isdir(path):
+            raise ValueError("reward_tokenizer is required when the reward model is not given as a local path")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"reward_tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.get_text_config().pad_token_id is None:
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def _checkpoint_dir(args: TrainingArguments, step: int) -> Path:
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def _find_checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
+    """The R2M state saved with the checkpoint the trainer resumed from (its step must match)."""
+    candidates = [Path(p) for p in (args.resume_from_checkpoint,) if isinstance(p, (str, os.PathLike))]
+    candidates.append(_checkpoint_dir(args, state.global_step))
+    for candidate in candidates:
+        trainer_state = candidate / "trainer_state.json"
+        if (candidate / CHECKPOINT_SUBDIR).is_dir() and trainer_state.is_file() and \
+                TrainerState.load_from_json(str(trainer_state)).global_step == state.global_step:
+            return candidate / CHECKPOINT_SUBDIR
+    raise FileNotFoundError(f"training resumes at step {state.global_step} but no R2M state for that step was found "
+                            f"in {[str(c) for c in candidates]}; call r2m_reward.load_checkpoint(<checkpoint dir>) "
+                            f"before trainer.train(resume_from_checkpoint=...)")
+
+
+def _mean(values: Tensor) -> float:
+    return float(values.float().mean()) if values.numel() else math.nan
+
+
+__all__ = ["CAPTURE_SOURCES", "R2MReward", "capture_plan"]
