@@ -43,7 +43,7 @@ class _Batch:
     """One training generation batch of this process, kept until the policy has finished optimising on it."""
 
     rte: Tensor
-    hidden: list[Tensor]
+    hidden: list[Tensor] | None
     rewards: Tensor
     step: int
     start: int
@@ -95,6 +95,7 @@ class R2MReward(TrainerCallback):
         self.extra_forwards = 0
         self.update_stats: list[dict[str, float]] = []
         self._capture: HiddenStateCapture | None = None
+        self._ready = False
         self._policy: nn.Module | None = None
         self._policy_tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template_kwargs: dict[str, Any] = {}
@@ -112,7 +113,7 @@ class R2MReward(TrainerCallback):
                  trainer_state: TrainerState | None = None, log_metric: Callable[[str, float], None] | None = None,
                  **dataset_columns: Any) -> list[float | None]:
         """R2M rewards for this process's samples; a reward that is not finite is returned as None."""
-        if self.r2m is None or self._capture is None:
+        if not self._ready:
             raise RuntimeError("R2MReward was called as a reward function before a trainer set it up: pass the same "
                                "object in callbacks=[...] as well as in reward_funcs=[...]")
         self._calls += 1
@@ -122,8 +123,10 @@ class R2MReward(TrainerCallback):
         encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt", padding=True,
                                  padding_side="right", add_special_tokens=False)
         rte = self.r2m.rte(encoded["input_ids"], encoded["attention_mask"])
-        hidden, tokens, extra = self._policy_states(prompts, completion_ids)
-        packed, cu_seqlens = pack(hidden)
+        hidden, tokens, extra, packed, cu_seqlens = None, [], 0, None, None
+        if self.config.uses_fusion:
+            hidden, tokens, extra = self._policy_states(prompts, completion_ids)
+            packed, cu_seqlens = pack(hidden)
         rewards = self.r2m.reward_from_rte(rte, packed, None, step, cu_seqlens=cu_seqlens)
         vanilla = self.r2m.vanilla_reward_from_rte(rte)
         finite = torch.isfinite(rewards)
@@ -137,8 +140,9 @@ class R2MReward(TrainerCallback):
                                         self._micro_steps, dict(keys)))
         if log_metric is not None:
             metrics = {"r2m/reward_mean": _mean(rewards[finite]), "r2m/vanilla_reward_mean": _mean(vanilla),
-                       "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(hidden),
-                       "r2m/reward_nonfinite": float((~finite).sum())}
+                       "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(rewards),
+                       "r2m/reward_nonfinite": float((~finite).sum()),
+                       "r2m/hidden_nonfinite": float(sum(not bool(torch.isfinite(h).all()) for h in hidden or []))}
             if training:
                 metrics.update({k: sum(v) / len(v) for k, v in self._queued_metrics.items()})
                 self._queued_metrics.clear()
@@ -171,16 +175,19 @@ class R2MReward(TrainerCallback):
                              f"policy's hidden size is {policy_dim}")
         if self._capture is not None:
             self._capture.remove()
-        self.capture_plan = capture_plan(args)
-        self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
-                                           keep_generation=self.capture_plan == "generation",
-                                           keep_forwards=self.capture_plan == "forward",
-                                           on_train_forward=self._refresh).attach()
+            self._capture = None
+        if self.config.uses_fusion:
+            self.capture_plan = capture_plan(args)
+            self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
+                                               keep_generation=self.capture_plan == "generation",
+                                               keep_forwards=self.capture_plan == "forward",
+                                               on_train_forward=self._refresh).attach()
         self._policy, self._policy_tokenizer = model, processing_class
         self._chat_template_kwargs = dict(args.chat_template_kwargs or {})
         self._group_size = args.num_generations
         self._generate_every = args.steps_per_generation * args.num_iterations
         self._forward_batch_size = args.per_device_train_batch_size
+        self._ready = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -286,10 +293,10 @@ class R2MReward(TrainerCallback):
             self._update(self._pending.pop(0))
 
     def _update(self, batch: _Batch) -> None:
-        packed, cu_seqlens = pack(batch.hidden)
+        packed, cu_seqlens = pack(batch.hidden) if batch.hidden is not None else (None, None)
         stats = self.r2m.update(batch.rte, packed, None, batch.rewards, self._group_size, batch.step,
                                 cu_seqlens=cu_seqlens)
-        stats["refreshed"] = len(batch.refreshed) / len(batch.hidden)
+        stats["refreshed"] = len(batch.refreshed) / len(batch.rewards)
         self.update_stats.append(stats)
         self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed")})
 
