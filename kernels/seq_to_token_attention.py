@@ -1,0 +1,286 @@
+"""Fused sequence-to-token attention (SPEC section 3): c_e = sum_s softmax_s(h_s . u_e) h_s over packed ragged h.
+
+Keys and values are the same policy states h, so one read of each h tile serves every head (multi-query style).
+Forward: one pass over h with an online softmax; a long sequence is cut into splits, each split writes a partial
+(c, lse) and a combine kernel merges them (flash-decoding), so a batch of few long sequences still fills the GPU.
+Backward: one more pass over h gives du; h gets no gradient (it is detached policy state).
+Every program keeps its heads' [HG, D_p] accumulators in registers, so the launch configuration (tokens per
+step, heads per program, warps, stages) is autotuned per (D_p, H, dtype) among the ones that fit a register budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HEAD_GROUPS = (1, 2, 4, 8, 16)
+# fp32 values a thread may hold for the accumulators and one step's products before the compiler spills.
+_REGISTER_BUDGET = 128
+# A split shorter than this spends more on writing its partial [H, D_p] result than it gains in parallelism.
+_MIN_SPLIT_TOKENS = 128
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:  # one configuration per head group: the interpreter never benchmarks
+        return [triton.Config({"BLOCK_S": 8, "HG": hg}) for hg in _HEAD_GROUPS]
+    return [
+        triton.Config({"BLOCK_S": block_s, "HG": hg}, num_warps=warps, num_stages=stages)
+        for block_s, hg, warps, stages in itertools.product((1, 2, 4, 8, 16), _HEAD_GROUPS, (4, 8, 16), (2, 3))
+    ]
+
+
+def _prune(resident_vectors: int):
+    """Keep the configurations whose registers fit: ``resident_vectors`` [HG, D_p] tensors live across the loop,
+    plus one step's [BLOCK_S, D_p] tile and [BLOCK_S, HG, D_p] product. Head groups never exceed the heads."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        heads, block_d = triton.next_power_of_2(args["H"]), args["BLOCK_D"]
+
+        def per_thread(config: triton.Config) -> float:
+            block_s, hg = config.kwargs["BLOCK_S"], config.kwargs["HG"]
+            return (resident_vectors * hg + block_s * (hg + 1)) * block_d / (32 * config.num_warps)
+
+        usable = [c for c in configs if c.kwargs["HG"] <= heads]
+        if _INTERPRET:
+            return [max(usable, key=lambda c: c.kwargs["HG"])]
+        fits = [c for c in usable if per_thread(c) <= _REGISTER_BUDGET
+                and c.kwargs["BLOCK_S"] * block_d >= 32 * c.num_warps]
+        return fits or [min(usable, key=per_thread)]
+
+    return prune
+
+
+@triton.autotune(configs=_configs(), key=["D_P", "H"], prune_configs_by={"early_config_prune": _prune(2)},
+                 cache_results=True)
+@triton.jit
+def _forward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, stride_h, D_P, H, SPLIT_LEN, stride_c_split,
+                    stride_lse_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):
+    """Program (head group, split, sequence): softmax-weighted mean of the split's tokens for HG heads.
+
+    Writes c [HG, D_p] normalised over the split and its lse; an empty split writes c = 0, lse = -inf.
+    """
+    group, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_end = tl.load(cu_ptr + seq + 1)
+    start = tl.load(cu_ptr + seq) + split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, seq_end)
+
+    heads = group * HG + tl.arange(0, HG)
+    head_ok = heads < H
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D_P
+    vec_offsets = (seq * H + heads).to(tl.int64)[:, None] * D_P + cols[None, :]
+    vec_mask = head_ok[:, None] & col_ok[None, :]
+    u = tl.load(u_ptr + vec_offsets, mask=vec_mask, other=0.0)
+
+    running_max = tl.full([HG], float("-inf"), tl.float32)
+    denominator = tl.zeros([HG], tl.float32)
+    acc = tl.zeros([HG, BLOCK_D], tl.float32)
+    for first in range(start, end, BLOCK_S):
+        rows = first + tl.arange(0, BLOCK_S)
+        row_ok = rows < end
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        scores = tl.sum(h[:, None, :] * u[None, :, :], axis=2)
+        scores = tl.where(row_ok[:, None], scores, float("-inf"))
+        # Every step holds at least one valid row, so new_max is finite and no exp sees -inf - -inf.
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        rescale = tl.exp(running_max - new_max)
+        p = tl.exp(scores - new_max[None, :])
+        denominator = denominator * rescale + tl.sum(p, axis=0)
+        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * h[:, None, :], axis=0)
+        running_max = new_max
+
+    nonempty = denominator > 0
+    safe_denominator = tl.where(nonempty, denominator, 1.0)
+    lse = tl.where(nonempty, running_max + tl.log(safe_denominator), float("-inf"))
+    tl.store(c_ptr + split * stride_c_split + vec_offsets, acc / safe_denominator[:, None], mask=vec_mask)
+    tl.store(lse_ptr + split * stride_lse_split + seq * H + heads, lse, mask=head_ok)
+
+
+@triton.jit
+def _combine_kernel(partial_c_ptr, partial_lse_ptr, c_ptr, lse_ptr, D_P, NUM_SPLITS, stride_c_split,
+                    stride_lse_split, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (sequence * H + head, column block): merge the splits' (c, lse) into the sequence's."""
+    row, block = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_lse = tl.load(partial_lse_ptr + splits * stride_lse_split + row, mask=splits < NUM_SPLITS,
+                        other=float("-inf"))
+    top = tl.max(split_lse, axis=0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(split_lse - safe_top), axis=0)
+    safe_total = tl.where(total > 0, total, 1.0)
+
+    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D_P
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(NUM_SPLITS):
+        weight = tl.exp(tl.load(partial_lse_ptr + split * stride_lse_split + row) - safe_top)
+        acc += weight * tl.load(partial_c_ptr + split * stride_c_split + row.to(tl.int64) * D_P + cols,
+                                mask=col_ok, other=0.0)
+    tl.store(c_ptr + row.to(tl.int64) * D_P + cols, acc / safe_total, mask=col_ok)
+    tl.store(lse_ptr + row, tl.where(total > 0, safe_top + tl.log(safe_total), float("-inf")), mask=block == 0)
+
+
+@triton.autotune(configs=_configs(), key=["D_P", "H"], prune_configs_by={"early_config_prune": _prune(3)},
+                 cache_results=True)
+@triton.jit
+def _backward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, dc_ptr, du_ptr, stride_h, D_P, H, SPLIT_LEN,
+                     stride_du_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):
+    """Program (head group, split, sequence): du_e = sum_s p_s (h_s . dc_e - dc_e . c_e) h_s over the split."""
+    group, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_end = tl.load(cu_ptr + seq + 1)
+    start = tl.load(cu_ptr + seq) + split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, seq_end)
+
+    heads = group * HG + tl.arange(0, HG)
+    head_ok = heads < H
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D_P
+    vec_offsets = (seq * H + heads).to(tl.int64)[:, None] * D_P + cols[None, :]
+    vec_mask = head_ok[:, None] & col_ok[None, :]
+    u = tl.load(u_ptr + vec_offsets, mask=vec_mask, other=0.0)
+    dc = tl.load(dc_ptr + vec_offsets, mask=vec_mask, other=0.0)
+    delta = tl.sum(dc * tl.load(c_ptr + vec_offsets, mask=vec_mask, other=0.0), axis=1)
+    lse = tl.load(lse_ptr + seq * H + heads, mask=head_ok, other=0.0)
+
+    acc = tl.zeros([HG, BLOCK_D], tl.float32)
+    for first in range(start, end, BLOCK_S):
+        rows = first + tl.arange(0, BLOCK_S)
+        row_ok = rows < end
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        p = tl.exp(tl.sum(h[:, None, :] * u[None, :, :], axis=2) - lse[None, :])
+        dp = tl.sum(h[:, None, :] * dc[None, :, :], axis=2)
+        ds = tl.where(row_ok[:, None], p * (dp - delta[None, :]), 0.0)
+        acc += tl.sum(ds[:, :, None] * h[:, None, :], axis=0)
+    tl.store(du_ptr + split * stride_du_split + vec_offsets, acc, mask=vec_mask)
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return os.cpu_count() or 1
+
+
+def _split_plan(cu_seqlens: Tensor, batch: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
+    """(number of splits per sequence, tokens per split): enough programs to fill the device, none too short."""
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch else 0
+    if num_splits is None:
+        wanted = triton.cdiv(_target_programs(device), max(batch, 1))
+        num_splits = max(1, min(wanted, max_len // _MIN_SPLIT_TOKENS))
+    split_len = max(1, triton.cdiv(max_len, num_splits))
+    return num_splits, split_len
+
+
+def _validate(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) -> None:
+    for name, value in (("h", h), ("cu_seqlens", cu_seqlens), ("u", u)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"seq_to_token_attention: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if h.dim() != 2:
+        raise ValueError(f"seq_to_token_attention: h must be packed [total_tokens, D_p], got shape {tuple(h.shape)}")
+    if h.dtype not in _DTYPES:
+        raise TypeError(f"seq_to_token_attention: h must be bfloat16, float16 or float32, got {h.dtype}")
+    if u.dim() != 3 or u.shape[2] != h.shape[1] or u.shape[1] < 1:
+        raise ValueError(f"seq_to_token_attention: u must have shape [B, H >= 1, D_p={h.shape[1]}], "
+                         f"got {tuple(u.shape)}")
+    if u.dtype != torch.float32:
+        raise TypeError(f"seq_to_token_attention: u must be float32, got {u.dtype}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.shape != (u.shape[0] + 1,):
+        raise ValueError(f"seq_to_token_attention: cu_seqlens must be int32 of shape [B + 1 = {u.shape[0] + 1}] "
+                         f"(B from u), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    for name, value in (("cu_seqlens", cu_seqlens), ("u", u)):
+        if value.device != h.device:
+            raise ValueError(f"seq_to_token_attention: {name} is on {value.device} but h is on {h.device}")
+    if h.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(f"seq_to_token_attention: h is on {h.device}; the Triton kernel needs a CUDA device, or "
+                           "TRITON_INTERPRET=1 set before triton is first imported (use impl='torch' on CPU)")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != h.shape[0] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"seq_to_token_attention: cu_seqlens must start at 0, never decrease and end at "
+                         f"total_tokens={h.shape[0]}, got {cu_seqlens.tolist()}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"seq_to_token_attention: num_splits must be None or an int >= 1, got {num_splits!r}")
+
+
+def _forward(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int, split_len: int) -> tuple[Tensor, Tensor]:
+    batch, heads, dim = u.shape
+    c = torch.empty(batch, heads, dim, dtype=torch.float32, device=h.device)
+    lse = torch.empty(batch, heads, dtype=torch.float32, device=h.device)
+    if num_splits == 1:
+        partial_c, partial_lse = c[None], lse[None]
+    else:
+        partial_c = torch.empty(num_splits, batch, heads, dim, dtype=torch.float32, device=h.device)
+        partial_lse = torch.empty(num_splits, batch, heads, dtype=torch.float32, device=h.device)
+    block_d = triton.next_power_of_2(dim)
+    _forward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]), num_splits, batch)](
+        h, cu_seqlens, u, partial_c, partial_lse, h.stride(0), dim, heads, split_len,
+        partial_c.stride(0), partial_lse.stride(0), BLOCK_D=block_d)
+    if num_splits > 1:
+        combine_block = min(block_d, 1024)
+        _combine_kernel[(batch * heads, triton.cdiv(dim, combine_block))](
+            partial_c, partial_lse, c, lse, dim, num_splits, partial_c.stride(0), partial_lse.stride(0),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_D=combine_block)
+    return c, lse
+
+
+def _backward(h: Tensor, cu_seqlens: Tensor, u: Tensor, c: Tensor, lse: Tensor, dc: Tensor, num_splits: int,
+              split_len: int) -> Tensor:
+    batch, heads, dim = u.shape
+    du = torch.empty(num_splits, batch, heads, dim, dtype=torch.float32, device=h.device)
+    _backward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]), num_splits, batch)](
+        h, cu_seqlens, u, c, lse, dc, du, h.stride(0), dim, heads, split_len, du.stride(0),
+        BLOCK_D=triton.next_power_of_2(dim))
+    return du[0] if num_splits == 1 else du.sum(dim=0)
+
+
+class SeqToTokenAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: differentiable in u only; the policy states h and cu_seqlens get no gradient."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) -> tuple[Tensor, Tensor]:
+        h = h.detach()
+        if h.stride(-1) != 1:
+            h = h.contiguous()
+        u = u.detach().contiguous()
+        batch = u.shape[0]
+        if batch == 0:
+            return u.new_zeros(u.shape), u.new_zeros(u.shape[:2])
+        splits, split_len = _split_plan(cu_seqlens, batch, h.device, num_splits)
+        c, lse = _forward(h, cu_seqlens, u, splits, split_len)
+        ctx.save_for_backward(h, cu_seqlens, u, c, lse)
+        ctx.plan = (splits, split_len)
+        return c, lse
+
+    @staticmethod
+    def backward(ctx, dc: Tensor | None, dlse: Tensor | None) -> tuple[None, None, Tensor | None, None]:
+        if not ctx.needs_input_grad[2] or not ctx.saved_tensors:
+            return None, None, None, None
+        h, cu_seqlens, u, c, lse = ctx.saved_tensors
+        dc = torch.zeros_like(c) if dc is None else dc.float().contiguous()
+        du = _backward(h, cu_seqlens, u, c, lse, dc, *ctx.plan)
+        if dlse is not None:  # d lse_e / d u_e = sum_s p_s h_s = c_e
+            du = du + dlse.float()[..., None] * c
+        return None, None, du, None
+
+
+def seq_to_token_attention(h: Tensor, cu_seqlens: Tensor, u: Tensor, *,
+                           num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Attend each sequence's packed policy states with its per-head query vectors u (SPEC section 3).
+
+    h [total_tokens, D_p] (bf16, fp16 or fp32), cu_seqlens [B + 1] int32, u [B, H, D_p] float32 (already scaled)
+    -> c [B, H, D_p] float32 with c[b, e] = sum_s softmax_s(h_s . u[b, e]) h_s over sequence b, and
+    lse [B, H] float32, the log-sum-exp of those scores. A zero-length sequence gives c = 0, lse = -inf and zero
+    gradient. Differentiable w.r.t. u only. ``num_splits`` fixes how many programs share one sequence
+    (default: derived from the device and the lengths).
+    """
+    _validate(h, cu_seqlens, u, num_splits)
+    return SeqToTokenAttentionFunction.apply(h, cu_seqlens, u, num_splits)
