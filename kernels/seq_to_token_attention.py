@@ -158,10 +158,11 @@ def _backward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, dc_ptr, du_ptr, strid
         row_ok = rows < end
         h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        p = tl.exp(tl.sum(h[:, None, :] * u[None, :, :], axis=2) - lse[None, :])
+        # Rows past the split load as h = 0: score 0, whose exp(0 - lse) would overflow when lse is very negative.
+        scores = tl.where(row_ok[:, None], tl.sum(h[:, None, :] * u[None, :, :], axis=2), float("-inf"))
+        p = tl.exp(scores - lse[None, :])
         dp = tl.sum(h[:, None, :] * dc[None, :, :], axis=2)
-        ds = tl.where(row_ok[:, None], p * (dp - delta[None, :]), 0.0)
-        acc += tl.sum(ds[:, :, None] * h[:, None, :], axis=0)
+        acc += tl.sum((p * (dp - delta[None, :]))[:, :, None] * h[:, None, :], axis=0)
     tl.store(du_ptr + split * stride_du_split + vec_offsets, acc, mask=vec_mask)
 
 
