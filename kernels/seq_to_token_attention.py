@@ -39,7 +39,9 @@ def _configs() -> list[triton.Config]:
 
 def _prune(resident_vectors: int):
     """Keep the configurations whose registers fit: ``resident_vectors`` [HG, D_p] tensors live across the loop,
-    plus one step's [BLOCK_S, D_p] tile and [BLOCK_S, HG, D_p] product. Head groups never exceed the heads."""
+    plus one step's [BLOCK_S, D_p] tile and [BLOCK_S, HG, D_p] product. Heads per program: the most that fit
+    (all of them when they fit) or half that, which doubles the programs and serves the second read of each h
+    tile from L2 (head groups of one tile are neighbours in the grid); the autotuner measures which wins."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
@@ -54,13 +56,16 @@ def _prune(resident_vectors: int):
             return [max(usable, key=lambda c: c.kwargs["HG"])]
         fits = [c for c in usable if per_thread(c) <= _REGISTER_BUDGET
                 and c.kwargs["BLOCK_S"] * block_d >= 32 * c.num_warps]
-        return fits or [min(usable, key=per_thread)]
+        if not fits:
+            return [min(usable, key=per_thread)]
+        most = max(c.kwargs["HG"] for c in fits)
+        return [c for c in fits if c.kwargs["HG"] >= most // 2]
 
     return prune
 
 
-@triton.autotune(configs=_configs(), key=["D_P", "H"], prune_configs_by={"early_config_prune": _prune(2)},
-                 cache_results=True)
+@triton.autotune(configs=_configs(), key=["D_P", "H"],
+                 prune_configs_by={"early_config_prune": _prune(2)})
 @triton.jit
 def _forward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, stride_h, D_P, H, SPLIT_LEN, stride_c_split,
                     stride_lse_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):
@@ -130,8 +135,8 @@ def _combine_kernel(partial_c_ptr, partial_lse_ptr, c_ptr, lse_ptr, D_P, NUM_SPL
     tl.store(lse_ptr + row, tl.where(total > 0, safe_top + tl.log(safe_total), float("-inf")), mask=block == 0)
 
 
-@triton.autotune(configs=_configs(), key=["D_P", "H"], prune_configs_by={"early_config_prune": _prune(3)},
-                 cache_results=True)
+@triton.autotune(configs=_configs(), key=["D_P", "H"],
+                 prune_configs_by={"early_config_prune": _prune(3)})
 @triton.jit
 def _backward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, dc_ptr, du_ptr, stride_h, D_P, H, SPLIT_LEN,
                      stride_du_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):

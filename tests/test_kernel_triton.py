@@ -94,7 +94,7 @@ def test_matches_float64_reference(dtype, heads):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 40])
-def test_split_sequences_combine_exactly(num_splits):
+def test_split_sequences_combine_to_the_same_result(num_splits):
     """Splits of one sequence, including empty ones (40 splits of at most 30 tokens), merge to the same result."""
     seed = fresh_seed()
     lengths, h, cu_seqlens, u = ragged_batch(4, 100, torch.bfloat16)
