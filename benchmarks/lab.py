@@ -53,6 +53,7 @@ def gold_reward_function(world: LabWorld):
 def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> list[dict]:
     """Train one policy; return one row per logged step: step, proxy, trained, gold, kl."""
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from r2m.integrations.trl import R2MReward
@@ -75,6 +76,7 @@ def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Pat
     trainer = GRPOTrainer(model=str(policy_dir), reward_funcs=[reward, gold_reward_function(world)],
                           callbacks=[reward], args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
                           processing_class=world.tokenizer)
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [{"step": h["step"], "proxy": h["r2m/vanilla_reward_mean"], "trained": h[f"rewards/{reward.__name__}/mean"],
              "gold": h["rewards/gold/mean"], "kl": h.get("kl", 0.0)}
@@ -97,7 +99,8 @@ def summarise(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
         if base is not None and row is not base:
             gap = row["gold_end"] - base["gold_end"]
             row["gold_end_vs_vanilla"] = gap
-            row["exceeds_spread"] = abs(gap) > row["gold_end_sd"] + base["gold_end_sd"]
+            # with one seed there is no spread to compare against
+            row["exceeds_spread"] = (abs(gap) > row["gold_end_sd"] + base["gold_end_sd"]) if row["seeds"] > 1 else None
     return rows
 
 
