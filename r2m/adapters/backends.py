@@ -67,7 +67,8 @@ def _check_num_samples(num_samples: int) -> None:
 
 class TransformersBackend(JudgeBackend):
     """A local causal LM judge run with ``transformers`` ``generate``: chat template, left padding, batches of
-    ``batch_size`` conversations, greedy when ``temperature`` is 0, sampling otherwise.
+    ``batch_size`` conversations, sampling with ``temperature`` and ``top_p``, or greedy when ``temperature`` is 0
+    (then the ``num_samples`` replies are one greedy reply repeated).
 
     Each `Generation` also carries the RTE (taken from the prefill generation already runs: no extra forward).
     ``model`` may be a loaded model or a local path (loaded with ``AutoModelForCausalLM``; ``model_init_kwargs``
@@ -135,6 +136,8 @@ class TransformersBackend(JudgeBackend):
         width = encoded["input_ids"].shape[1]
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
             if self.temperature > 0 else {"do_sample": False}
+        # greedy replies are identical: generate one and repeat it
+        returned = num_samples if self.temperature > 0 else 1
         prefill: list[Tensor] = []
 
         def keep_prefill(module: nn.Module, args: Any, output: Any) -> None:
@@ -146,17 +149,17 @@ class TransformersBackend(JudgeBackend):
         try:
             with torch.no_grad():
                 output = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens,
-                                             num_return_sequences=num_samples, pad_token_id=self.tokenizer.pad_token_id,
+                                             num_return_sequences=returned, pad_token_id=self.tokenizer.pad_token_id,
                                              **sampling, **self.generation_kwargs)
         finally:
             handle.remove()
         replies = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        # generate repeats each input num_samples times in a row, for the prefill as for the outputs
-        rte = prefill[0][::num_samples] if prefill else None
+        # generate repeats each input `returned` times in a row, for the prefill as for the outputs
+        rte = prefill[0][::returned] if prefill else None
         if rte is None:
             logger.warning("the judge's prefill was not seen as one forward over the whole input: no RTE returned")
-        return [Generation(replies[i * num_samples:(i + 1) * num_samples], rte=None if rte is None else rte[i])
-                for i in range(len(texts))]
+        samples = [replies[i * returned:(i + 1) * returned] * (num_samples // returned) for i in range(len(texts))]
+        return [Generation(samples[i], rte=None if rte is None else rte[i]) for i in range(len(texts))]
 
 
 class OpenAIChatBackend(JudgeBackend):
