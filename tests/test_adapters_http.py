@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import pickle
 import re
 import socket
 import sys
@@ -400,3 +401,16 @@ def test_openrlhf_reward_func():
     assert out["extra_logs"]["rm_r1/unparseable"].tolist() == [1.0] * 3
     user = server.requests[0]["messages"][1]["content"]
     assert "[Client Question]\n<user>p</user>\n" in user and "Chatbot A's Response]\nquality 1\n" in user
+
+
+def test_sync_call_inside_a_running_event_loop_and_pickling():
+    with ChatServer(rm_r1_rule) as server:
+        judge = RMR1Judge(backend(server))
+
+        async def from_a_coroutine():
+            return judge(["p", "p"], ["quality 2", "quality 1"])
+
+        assert asyncio.run(from_a_coroutine()) == [1.0, 0.0]
+        copy = openrlhf_reward_func(pickle.loads(pickle.dumps(judge)))  # Ray ships the judge to its workers
+        assert copy(["pquality 1", "pquality 3"], ["p", "p"], None)["rewards"].tolist() == [0.0, 1.0]
+    assert len(server.requests) == 4

@@ -39,8 +39,9 @@ class JudgeResult:
 
     ``rewards``: one per completion, None where the judge gave nothing usable. ``details``: the judge's text behind
     each reward (for completion logs). ``metrics``: counts for the batch (calls, unparseable outputs, ...).
-    ``rte``: [batch, D_judge], each completion's reward-token embedding (the judge's last hidden state at the end
-    of its input, averaged over the judge inputs that show the completion); None unless the backend is local.
+    ``rte``: [batch, D_judge] float32, each completion's reward-token embedding for R2M: the judge's last hidden
+    state at the end of its input, averaged over the judge inputs that show the completion (NaN where none did, e.g.
+    a lone completion in round-robin mode); None unless the backend is local.
     """
 
     rewards: list[float | None]

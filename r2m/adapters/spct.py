@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from r2m.adapters.aggregation import select_voters, vote
-from r2m.adapters.backends import JudgeBackend
+from r2m.adapters.backends import Generation, JudgeBackend
 from r2m.adapters.conversation import Message, is_single_turn, render_turns, strip_thinking
 from r2m.adapters.reward_function import GenerativeJudge, Group, JudgeResult, mean_rte
 
@@ -132,7 +132,7 @@ class SPCTJudge(GenerativeJudge):
                    "no_reward": float(sum(r is None for r in rewards))}
         return JudgeResult(rewards, details, metrics, mean_rte(generations, members))
 
-    async def _rate(self, prompts: list[str], generations: Sequence, valid: list[list[int]]
+    async def _rate(self, prompts: list[str], generations: Sequence[Generation], valid: list[list[int]]
                     ) -> list[list[float] | None]:
         """Meta-RM ratings per group and sample (NaN for samples not rated), in one call over all valid samples."""
         if self.meta_rm is None:
