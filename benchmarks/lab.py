@@ -21,6 +21,7 @@ from r2m import tiny
 from r2m.benchmarks.report import markdown_table, write_results
 from r2m.config import MODES, R2MConfig
 from r2m.lab import LabConfig, LabWorld
+from r2m.reward_model import R2MRewardModel
 
 VARIANTS = ("vanilla", "r2m", "frozen", "noise", "head_only")
 
@@ -43,6 +44,14 @@ class LabRun:
     logging_steps: int = 10
 
 
+@dataclass
+class LabResult:
+    curve: list[dict]
+    policy: torch.nn.Module
+    r2m: R2MRewardModel
+    initial_policy: Path
+
+
 def gold_reward_function(world: LabWorld):
     def gold(prompts: list[str], completions: list[str], **_: object) -> list[float]:
         return [world.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -50,8 +59,8 @@ def gold_reward_function(world: LabWorld):
     return gold
 
 
-def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> list[dict]:
-    """Train one policy; return one row per logged step: step, proxy, trained, gold, kl."""
+def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> LabResult:
+    """Train one policy against the (wrapped) proxy; returns its curves, the trained policy and the R2M reward."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -78,9 +87,10 @@ def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Pat
                           processing_class=world.tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    return [{"step": h["step"], "proxy": h["r2m/vanilla_reward_mean"], "trained": h[f"rewards/{reward.__name__}/mean"],
-             "gold": h["rewards/gold/mean"], "kl": h.get("kl", 0.0)}
-            for h in trainer.state.log_history if "rewards/gold/mean" in h]
+    curve = [{"step": h["step"], "proxy": h["r2m/vanilla_reward_mean"], "trained": h[f"rewards/{reward.__name__}/mean"],
+              "gold": h["rewards/gold/mean"], "kl": h.get("kl", 0.0)}
+             for h in trainer.state.log_history if "rewards/gold/mean" in h]
+    return LabResult(curve, trainer.model.eval(), reward.r2m, policy_dir)
 
 
 def summarise(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 progress.set_postfix(variant=variant, seed=seed)
                 run = LabRun(variant, seed, steps, lab, r2m_lr=args.r2m_lr, omega_min=args.omega_min)
-                curves[variant][seed] = run_once(run, world, proxy, Path(tmp))
+                curves[variant][seed] = run_once(run, world, proxy, Path(tmp)).curve
                 progress.update()
     rows = summarise(curves)
     columns = ["variant", "seeds", "gold_end", "gold_end_sd", "gold_peak", "gold_peak_sd", "proxy_end", "kl_end",
