@@ -1,0 +1,211 @@
+"""`r2m bench overhead`: what R2M costs per training step in TRL, against the plain reward model.
+
+For GRPOTrainer and RLOOTrainer, runs the same training (same seeds, same models) with the reward model passed
+to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), alternating A/B runs in fresh processes so the
+ratio comes from one session. Reports the median step time after warm-up, the R2M update time, the share of
+batches whose hidden states needed an extra policy forward, the policy forwards counted per step, peak memory
+(CUDA max allocated on GPU, peak RSS on CPU) and the bytes of hidden states R2M keeps per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from r2m.benchmarks.report import markdown_table, write_results
+
+PRESETS = {
+    # random-init models: policy 4 layers hidden 256, RM hidden 256, 64 + 64 tokens, 8 prompts x 4 generations
+    "cpu-small": {"policy_hidden": 256, "policy_layers": 4, "rm_hidden": 256, "rm_layers": 4, "prompt_tokens": 64,
+                  "completion_tokens": 64, "prompts": 8, "generations": 4, "vocab_words": 1000},
+    # about 0.5B parameters each, 512 + 512 tokens
+    "gpu": {"policy_hidden": 1024, "policy_layers": 24, "rm_hidden": 1024, "rm_layers": 24, "prompt_tokens": 512,
+            "completion_tokens": 512, "prompts": 8, "generations": 4, "vocab_words": 32000},
+}
+
+
+@dataclass
+class ChildRun:
+    trainer: str
+    variant: str
+    preset: str
+    steps: int
+    warmup: int
+    seed: int
+    work_dir: str
+
+
+def child(run: ChildRun) -> dict:
+    """One training run in this process; returns its measurements."""
+    import psutil
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from r2m import tiny
+    from r2m.config import R2MConfig
+    from r2m.integrations.trl import R2MReward
+
+    p = PRESETS[run.preset]
+    torch.manual_seed(run.seed)
+    tokenizer = tiny.build_tokenizer(p["vocab_words"])
+    work = Path(run.work_dir)
+    policy_dir = work / "policy"
+    if not policy_dir.exists():
+        tiny.build_policy(tokenizer, "llama", p["policy_hidden"], p["policy_layers"]).save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+    torch.manual_seed(run.seed + 1)
+    reward_model = tiny.build_reward_model(tokenizer, "llama", p["rm_hidden"], p["rm_layers"])
+    words = [f"w{i}" for i in range(p["vocab_words"])]
+    generator = torch.Generator().manual_seed(run.seed)
+    prompts = [" ".join(words[i] for i in torch.randint(len(words), (p["prompt_tokens"],), generator=generator)) + " "
+               for _ in range(p["prompts"] * (run.steps + 1))]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if run.variant == "r2m":
+        reward = R2MReward(reward_model.to(device), tokenizer, config=R2MConfig(total_steps=run.steps, seed=run.seed))
+        reward_funcs, callbacks, processing = [reward], [reward], None
+    else:
+        reward_funcs, callbacks, processing = [reward_model], [], [tokenizer]
+
+    process = psutil.Process()
+    timings: list[float] = []
+    peak = {"rss": process.memory_info().rss}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - self.start)
+            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if run.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config_cls(output_dir=str(work / f"{run.trainer}-{run.variant}"), use_cpu=device == "cpu",
+                      report_to="none", seed=run.seed, per_device_train_batch_size=p["prompts"] * p["generations"],
+                      num_generations=p["generations"], max_completion_length=p["completion_tokens"],
+                      max_steps=run.steps, logging_steps=1, save_strategy="no", disable_tqdm=True, beta=0.0,
+                      bf16=device == "cuda")
+    trainer = trainer_cls(model=str(policy_dir), reward_funcs=reward_funcs, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
+                          reward_processing_classes=processing, callbacks=[*callbacks, StepTimer()])
+    trainer.remove_callback(PrinterCallback)
+    forwards = [0]
+    trainer.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "step_time" in h or "r2m/omega" in h]
+    update_ms = [h["r2m/update_ms"] for h in logs if "r2m/update_ms" in h]
+    extra = [h["r2m/capture"] for h in logs if "r2m/capture" in h]
+    stored = p["prompts"] * p["generations"] * (p["prompt_tokens"] + p["completion_tokens"]) * p["policy_hidden"]
+    return {"trainer": run.trainer, "variant": run.variant, "step_times": timings[run.warmup:],
+            "update_ms": statistics.median(update_ms) if update_ms else 0.0,
+            "extra_forward_share": statistics.fmean(extra) if extra else 0.0,
+            "policy_forwards_per_step": forwards[0] / run.steps,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak["rss"],
+            "stored_hidden_bytes": stored * (2 if device == "cuda" else 4) if run.variant == "r2m" else 0}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r2m bench overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    p.add_argument("--trainers", default="grpo,rloo")
+    p.add_argument("--steps", type=int, default=8, help="steps per run (the first --warmup are not timed)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds per trainer")
+    p.add_argument("--quick", action="store_true", help="GRPO only, 1 round of 4 steps")
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/overhead-<preset>)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.child:
+        print("R2M_RESULT " + json.dumps(child(ChildRun(**json.loads(args.child)))))
+        return 0
+    trainers = ["grpo"] if args.quick else [t.strip() for t in args.trainers.split(",")]
+    steps, rounds = (4, 1) if args.quick else (args.steps, args.rounds)
+    warmup = min(args.warmup, steps - 1)
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as work, tqdm(total=len(trainers) * rounds * 2, desc="overhead runs") as bar:
+        for trainer in trainers:
+            for _ in range(rounds):
+                for variant in ("vanilla", "r2m"):
+                    bar.set_postfix(trainer=trainer, variant=variant)
+                    run = ChildRun(trainer, variant, args.preset, steps, warmup, 0, work)
+                    results.setdefault((trainer, variant), []).append(_spawn(run))
+                    bar.update()
+    rows = []
+    for trainer in trainers:
+        base, r2m = (_merge(results[(trainer, v)]) for v in ("vanilla", "r2m"))
+        rows.append({"trainer": trainer, "vanilla_step_s": base["step_s"], "r2m_step_s": r2m["step_s"],
+                     "step_time_ratio": r2m["step_s"] / base["step_s"], "r2m_update_ms": r2m["update_ms"],
+                     "extra_forward_share": r2m["extra_forward_share"],
+                     "extra_policy_forwards_per_step": r2m["forwards"] - base["forwards"],
+                     "vanilla_peak_mb": base["peak"] / 2**20, "r2m_peak_mb": r2m["peak"] / 2**20,
+                     "stored_hidden_mb": r2m["stored"] / 2**20})
+    columns = list(rows[0])
+    table = markdown_table(rows, columns)
+    out = write_results(args.out or f"benchmarks/results/overhead-{args.preset}", "overhead",
+                        {"args": vars(args), "preset": PRESETS[args.preset], "summary": rows,
+                         "runs": {f"{t}-{v}": r for (t, v), r in results.items()}}, table)
+    _plot(rows, out / "overhead.png")
+    print(table)
+    print(f"wrote {out / 'overhead.json'}, {out / 'overhead.md'}, {out / 'overhead.png'}")
+    return 0
+
+
+def _spawn(run: ChildRun) -> dict:
+    command = [sys.executable, "-m", "r2m.benchmarks.overhead", "--child", json.dumps(asdict(run))]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("R2M_RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"overhead run {run} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def _merge(runs: list[dict]) -> dict:
+    return {"step_s": statistics.median(t for r in runs for t in r["step_times"]),
+            "update_ms": statistics.median(r["update_ms"] for r in runs),
+            "extra_forward_share": statistics.fmean(r["extra_forward_share"] for r in runs),
+            "forwards": statistics.fmean(r["policy_forwards_per_step"] for r in runs),
+            "peak": max(r["peak_memory_bytes"] for r in runs), "stored": max(r["stored_hidden_bytes"] for r in runs)}
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["vanilla_step_s"] for r in rows], width=0.4, label="vanilla RM")
+    ax.bar([i + 0.2 for i in x], [r["r2m_step_s"] for r in rows], width=0.4, label="R2M")
+    for i, r in enumerate(rows):
+        ax.annotate(f"x{r['step_time_ratio']:.3f}", (i + 0.2, r["r2m_step_s"]), ha="center", va="bottom")
+    ax.set_xticks(list(x), [r["trainer"].upper() for r in rows])
+    ax.set(ylabel="median step time (s)", title="R2M overhead per training step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
