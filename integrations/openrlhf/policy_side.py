@@ -1,0 +1,233 @@
+"""The policy side of R2M in OpenRLHF: capture of the policy's last-layer states and the attention next to them.
+
+States are kept per sample under a fingerprint of the sample's valid token ids, so the experience-making
+forward, the training passes (which see the samples re-batched, shuffled and without their rollout index) and
+the reward actor (which sees the same tokens) all name a sample the same way. Identical token sequences have
+identical states under the same weights, so sharing a key is exact.
+
+Per sample the kept positions are the valid tokens except the last one: the S-1 positions a log-prob forward
+scores (the convention of ``r2m.capture``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from r2m.capture import find_backbone
+from r2m.fusion import unpack
+
+
+def fingerprints(sequences: Tensor, attention_mask: Tensor) -> list[str]:
+    """One key per row: a hash of the row's valid token ids (where ``attention_mask`` is set)."""
+    if sequences.dim() != 2 or attention_mask.shape != sequences.shape:
+        raise ValueError(f"fingerprints needs sequences [B, S] and an attention_mask of the same shape, got "
+                         f"{tuple(sequences.shape)} and {tuple(attention_mask.shape)}")
+    ids = sequences.detach().to("cpu", torch.int64)
+    mask = attention_mask.detach().to("cpu").bool()
+    return [hashlib.blake2b(ids[i][mask[i]].numpy().tobytes(), digest_size=16).hexdigest() for i in range(len(ids))]
+
+
+def rows_from_output(hidden: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    """Per-sample states at the valid positions but the last, from a body output that is either padded
+    [B, S, D] (aligned with ``attention_mask`` [B, S]) or packed [1, N, D] (OpenRLHF's ``packing_samples``:
+    the valid tokens of all rows, row after row)."""
+    mask = attention_mask.to(hidden.device).bool()
+    if hidden.dim() == 3 and hidden.shape[:2] == mask.shape:
+        return [hidden[i][mask[i]][:-1] for i in range(mask.shape[0])]
+    lengths = mask.sum(dim=1).tolist()
+    if hidden.dim() == 3 and hidden.shape[0] == 1 and hidden.shape[1] == sum(lengths):
+        return [row[:-1] for row in torch.split(hidden[0], lengths)]
+    raise ValueError(f"cannot align the policy body's output {tuple(hidden.shape)} with the attention mask "
+                     f"{tuple(mask.shape)}: expected padded [B, S, D] or packed [1, valid tokens, D] (ring attention "
+                     f"shards sequences and is not supported with R2M)")
+
+
+@dataclass
+class _Saved:
+    """What one `attend` call keeps for its backward."""
+
+    keys: list[str]
+    u: Tensor
+    c: Tensor
+    lse: Tensor
+
+
+class PolicyStateStore:
+    """Policy last-layer states per sample, and the sequence-to-token attention computed where they live.
+
+    ``attend(keys, u) -> (c, lse, ok)`` and ``attend_backward(token, dc) -> du`` are SPEC section 3's
+    "attend(u) -> c" and its backward w.r.t. u (the policy states get no gradient). ``offload`` keeps the states
+    in CPU memory; the attention then runs on CPU. ``impl``: ``torch`` (any device), ``triton`` (the fused kernel
+    of ``r2m.kernels``), ``auto`` (``triton`` for CUDA states, ``torch`` otherwise).
+    """
+
+    def __init__(self, offload: bool = False, impl: str = "auto"):
+        if impl not in ("auto", "torch", "triton", "naive"):
+            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        self.offload = offload
+        self.impl = impl
+        self._states: dict[str, Tensor] = {}
+        self._trained: set[str] = set()
+        self._saved: dict[str, _Saved] = {}
+
+    def put(self, keys: Sequence[str], states: Sequence[Tensor], trained: bool = False) -> None:
+        """Keep (or replace) the states [S_i - 1, D_p] of each sample; ``trained``: they come from a training pass."""
+        if len(keys) != len(states):
+            raise ValueError(f"put got {len(keys)} keys for {len(states)} state tensors")
+        for key, state in zip(keys, states, strict=True):
+            state = state.detach()
+            self._states[key] = state.to("cpu") if self.offload else state
+            if trained:
+                self._trained.add(key)
+
+    def held(self) -> dict[str, bool]:
+        """Key -> whether its states come from a training pass, for every sample whose states are kept."""
+        return {key: key in self._trained for key in self._states}
+
+    def clear(self) -> None:
+        """Drop every kept state and every pending backward."""
+        self._states.clear()
+        self._trained.clear()
+        self._saved.clear()
+
+    def states(self, keys: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Packed states [N, D_p] of ``keys`` in that order (repeats allowed) and cu_seqlens [B + 1] int32."""
+        rows = self._rows(keys)
+        lengths = torch.tensor([row.shape[0] for row in rows], dtype=torch.int32)
+        cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+        return torch.cat(rows), cu_seqlens
+
+    @torch.no_grad()
+    def attend(self, keys: Sequence[str], u: Tensor, keep_for_backward: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor, str | None]:
+        """c [B, H, D_p] (float32), lse [B, H] (float32; -inf for an empty sample), ok [B] (every state finite;
+        non-finite states are zeroed first, as the core does) and, with ``keep_for_backward``, the token that
+        `attend_backward` takes."""
+        hidden, cu_seqlens, ok = self._clean(keys)
+        u = self._check_u(u, len(keys), hidden)
+        if self._resolve_impl(hidden) == "triton":
+            from r2m.kernels import seq_to_token_attention
+
+            c, lse = seq_to_token_attention(hidden, cu_seqlens.to(hidden.device), u)
+        else:
+            padded, mask = unpack(hidden.float(), cu_seqlens.to(hidden.device))
+            probs, lse = _probs(padded, mask, u)
+            c = torch.einsum("bhs,bsd->bhd", probs, padded)
+        token = None
+        if keep_for_backward:
+            token = uuid.uuid4().hex
+            self._saved[token] = _Saved(list(keys), u, c, lse)
+        return c, lse, ok, token
+
+    @torch.no_grad()
+    def attend_backward(self, token: str, dc: Tensor) -> Tensor:
+        """du [B, H, D_p] for dc = dL/dc of the `attend` call that returned ``token`` (SPEC section 3):
+        dp_s = h_s . dc_e, D_e = dc_e . c_e, ds_s = p_s (dp_s - D_e), du_e = sum_s ds_s h_s."""
+        saved = self._saved.pop(token, None)
+        if saved is None:
+            raise KeyError(f"no pending attention for token {token!r} (already used, or the states were cleared)")
+        hidden, cu_seqlens, _ = self._clean(saved.keys)
+        dc = dc.to(device=saved.u.device, dtype=torch.float32)
+        if dc.shape != saved.c.shape:
+            raise ValueError(f"dc must have the shape of c {tuple(saved.c.shape)}, got {tuple(dc.shape)}")
+        if self._resolve_impl(hidden) == "triton":
+            from r2m.kernels import seq_to_token_attention
+
+            with torch.enable_grad():
+                u = saved.u.detach().requires_grad_(True)
+                c, _ = seq_to_token_attention(hidden, cu_seqlens.to(hidden.device), u)
+                return torch.autograd.grad(c, u, dc)[0]
+        padded, mask = unpack(hidden.float(), cu_seqlens.to(hidden.device))
+        probs, _ = _probs(padded, mask, saved.u)
+        dp = torch.einsum("bsd,bhd->bhs", padded, dc)
+        delta = (dc * saved.c).sum(dim=-1, keepdim=True)
+        return torch.einsum("bhs,bsd->bhd", probs * (dp - delta), padded)
+
+    def _rows(self, keys: Sequence[str]) -> list[Tensor]:
+        missing = [key for key in keys if key not in self._states]
+        if missing:
+            raise KeyError(f"no policy states for {len(missing)} of {len(keys)} samples (first: {missing[0]}); they "
+                           f"are captured by this policy actor's forward on the same tokens")
+        return [self._states[key] for key in keys]
+
+    def _clean(self, keys: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, cu_seqlens = self.states(keys)
+        token_ok = torch.isfinite(hidden).all(dim=-1)
+        bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
+        cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
+        ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
+        if not bool(token_ok.all()):
+            hidden = torch.where(token_ok[:, None], hidden, hidden.new_zeros(()))
+        return hidden, cu_seqlens, ok.cpu()
+
+    def _check_u(self, u: Tensor, batch: int, hidden: Tensor) -> Tensor:
+        if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[0] != batch or u.shape[2] != hidden.shape[-1]:
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"u must have shape [batch={batch}, heads, D_p={hidden.shape[-1]}], got {got}")
+        return u.to(device=hidden.device, dtype=torch.float32).contiguous()
+
+    def _resolve_impl(self, hidden: Tensor) -> str:
+        if self.impl == "auto":
+            return "triton" if hidden.is_cuda else "torch"
+        return "triton" if self.impl == "triton" else "torch"
+
+
+def _probs(padded: Tensor, mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention weights p [B, H, S] (zero off the mask) and their log-sum-exp [B, H] (-inf for empty rows)."""
+    scores = torch.einsum("bsd,bhd->bhs", padded, u).masked_fill(~mask[:, None, :], -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe[..., None]), lse
+
+
+class PolicyFeedbackCapture:
+    """Hooks that keep the policy's last-layer states of every forward of an OpenRLHF ``Actor`` in a store.
+
+    A pre-hook on the actor module reads the call's ``sequences`` and ``attention_mask``; a hook on the
+    transformer body (whose output is what the LM head reads) takes its output. Every forward writes, so after a
+    training round the store holds the states of the last optimisation pass over each sample (SPEC 2.4), and
+    before it those of the experience-making forward.
+    """
+
+    def __init__(self, actor: nn.Module, store: PolicyStateStore, body: nn.Module | None = None):
+        self.actor = actor
+        self.store = store
+        self.body = find_backbone(getattr(actor, "model", actor)) if body is None else body
+        self._signature = inspect.signature(actor.forward)
+        self._call: tuple[Tensor, Tensor] | None = None
+        self._handles = [actor.register_forward_pre_hook(self._before, with_kwargs=True),
+                         self.body.register_forward_hook(self._after),
+                         actor.register_forward_hook(self._done)]
+
+    def remove(self) -> None:
+        """Detach the hooks (the store keeps what it has)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        sequences, mask = bound.get("sequences"), bound.get("attention_mask")
+        if sequences is None or mask is None:
+            raise ValueError("R2M capture needs the actor to be called with sequences and an attention_mask")
+        self._call = (sequences, mask)
+
+    def _after(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._call is None:
+            return
+        sequences, mask = self._call
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        self.store.put(fingerprints(sequences, mask), rows_from_output(hidden.detach(), mask),
+                       trained=torch.is_grad_enabled())
+
+    def _done(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._call = None

@@ -1,0 +1,1 @@
+"""TEST-ONLY STAND-IN (see tests/openrlhf_stubs/README.md)."""
