@@ -4,8 +4,8 @@ Keys and values are the same policy states h, so one read of each h tile serves 
 Forward: one pass over h with an online softmax; a long sequence is cut into splits, each split writes a partial
 (c, lse) and a combine kernel merges them (flash-decoding), so a batch of few long sequences still fills the GPU.
 Backward: one more pass over h gives du; h gets no gradient (it is detached policy state).
-Every program keeps its heads' [HG, D_p] accumulators in registers, so the launch configuration (tokens per
-step, heads per program, warps, stages) is autotuned per (D_p, H, dtype) among the ones that fit a register budget.
+Every program keeps its heads' [HG, D_p] vectors in registers, so the launch configuration (tokens per step,
+heads per program, warps) is autotuned per (D_p, H, dtype) among the ones whose registers fit (see _registers).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _HEAD_GROUPS = (1, 2, 4, 8, 16)
-# fp32 values a thread may hold for the accumulators and one step's products before the compiler spills.
-_REGISTER_BUDGET = 128
+# NVIDIA register file: 64K 32-bit registers per multiprocessor, at most 255 per thread.
+_REGISTERS_PER_SM, _MAX_REGISTERS_PER_THREAD = 65536, 255
 # A split shorter than this spends more on writing its partial [H, D_p] result than it gains in parallelism.
 _MIN_SPLIT_TOKENS = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,84 +31,103 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _configs() -> list[triton.Config]:
     if _INTERPRET:  # one configuration per head group: the interpreter never benchmarks
         return [triton.Config({"BLOCK_S": 8, "HG": hg}) for hg in _HEAD_GROUPS]
-    return [
-        triton.Config({"BLOCK_S": block_s, "HG": hg}, num_warps=warps, num_stages=stages)
-        for block_s, hg, warps, stages in itertools.product((1, 2, 4, 8, 16), _HEAD_GROUPS, (4, 8, 16), (2, 3))
-    ]
+    # num_stages is left alone: the loop has no dot, and the compiler emits the same code for every value.
+    return [triton.Config({"BLOCK_S": block_s, "HG": hg}, num_warps=warps)
+            for block_s, hg, warps in itertools.product((1, 2, 4, 8, 16), _HEAD_GROUPS, (4, 8, 16))]
+
+
+def _registers(resident_vectors: int, block_s: int, hg: int, block_d: int, num_warps: int) -> float:
+    """Registers per thread, modelled on ptxas reports for sm_90 (both kernels, D_p 4096 and 8192, BLOCK_S 1-8,
+    HG 1-4, 4-16 warps): the ``resident_vectors`` [HG, D_p] tensors that live across the loop, the
+    [BLOCK_S, D_p] h tile, a quarter of the [BLOCK_S, HG, D_p] products, and 20 for addresses and loop state.
+    Of the 190 configurations compiled, every one this admits has a stack frame of at most 8 bytes."""
+    values = (resident_vectors * hg + block_s + block_s * hg / 4) * block_d / (32 * num_warps)
+    return values + 20
 
 
 def _prune(resident_vectors: int):
-    """Keep the configurations whose registers fit: ``resident_vectors`` [HG, D_p] tensors live across the loop,
-    plus one step's [BLOCK_S, D_p] tile and [BLOCK_S, HG, D_p] product. Heads per program: the most that fit
-    (all of them when they fit) or half that, which doubles the programs and serves the second read of each h
-    tile from L2 (head groups of one tile are neighbours in the grid); the autotuner measures which wins."""
+    """Keep the configurations whose registers fit without spilling. Heads per program: the most that fit (all of
+    them when they fit) or half that, which doubles the programs and serves the second read of each h tile from
+    L2 (head groups of one tile are neighbours in the grid); the autotuner measures which wins."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         heads, block_d = triton.next_power_of_2(args["H"]), args["BLOCK_D"]
 
-        def per_thread(config: triton.Config) -> float:
-            block_s, hg = config.kwargs["BLOCK_S"], config.kwargs["HG"]
-            return (resident_vectors * hg + block_s * (hg + 1)) * block_d / (32 * config.num_warps)
+        def registers(c: triton.Config) -> float:
+            return _registers(resident_vectors, c.kwargs["BLOCK_S"], c.kwargs["HG"], block_d, c.num_warps)
 
         usable = [c for c in configs if c.kwargs["HG"] <= heads]
         if _INTERPRET:
             return [max(usable, key=lambda c: c.kwargs["HG"])]
-        fits = [c for c in usable if per_thread(c) <= _REGISTER_BUDGET
-                and c.kwargs["BLOCK_S"] * block_d >= 32 * c.num_warps]
+        fits = [c for c in usable if c.kwargs["BLOCK_S"] * block_d >= 32 * c.num_warps
+                and registers(c) <= min(_MAX_REGISTERS_PER_THREAD, _REGISTERS_PER_SM // (32 * c.num_warps))]
         if not fits:
-            return [min(usable, key=per_thread)]
+            return [min(usable, key=registers)]
         most = max(c.kwargs["HG"] for c in fits)
         return [c for c in fits if c.kwargs["HG"] >= most // 2]
 
     return prune
 
 
+@triton.jit
+def _program_coordinates(H, NUM_SPLITS, HG: tl.constexpr):
+    """(head group, split, sequence) of this program in a 1-D grid; head groups of one tile are neighbours."""
+    pid = tl.program_id(0)
+    groups = tl.cdiv(H, HG)
+    return pid % groups, (pid // groups) % NUM_SPLITS, pid // (groups * NUM_SPLITS)
+
+
+@triton.jit
+def _indices(seq, group, H, D_P, BLOCK_S: tl.constexpr, HG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token steps [S, 1, 1], heads [1, HG, 1], features [1, 1, D], and the offsets and mask of the [1, HG, D]
+    per-head vectors (u, c, dc, du) of this program."""
+    steps = tl.arange(0, BLOCK_S)[:, None, None]
+    heads = group * HG + tl.arange(0, HG)[None, :, None]
+    cols = tl.arange(0, BLOCK_D)[None, None, :]
+    vec_offsets = (seq * H + heads).to(tl.int64) * D_P + cols
+    return steps, heads, cols, vec_offsets, (heads < H) & (cols < D_P)
+
+
 @triton.autotune(configs=_configs(), key=["D_P", "H"],
                  prune_configs_by={"early_config_prune": _prune(2)})
 @triton.jit
-def _forward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, stride_h, D_P, H, SPLIT_LEN, stride_c_split,
+def _forward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, stride_h, D_P, H, NUM_SPLITS, SPLIT_LEN, stride_c_split,
                     stride_lse_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):
     """Program (head group, split, sequence): softmax-weighted mean of the split's tokens for HG heads.
 
     Writes c [HG, D_p] normalised over the split and its lse; an empty split writes c = 0, lse = -inf.
     """
-    group, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    group, split, seq = _program_coordinates(H, NUM_SPLITS, HG)
     seq_end = tl.load(cu_ptr + seq + 1)
     start = tl.load(cu_ptr + seq) + split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, seq_end)
-
-    heads = group * HG + tl.arange(0, HG)
-    head_ok = heads < H
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D_P
-    vec_offsets = (seq * H + heads).to(tl.int64)[:, None] * D_P + cols[None, :]
-    vec_mask = head_ok[:, None] & col_ok[None, :]
+    # Every tensor is 3-D [tokens, heads, features] with size-1 axes where it has none, so the broadcasts and
+    # keep_dims reductions below stay in one layout family: no shared-memory layout conversions inside the loop.
+    steps, heads, cols, vec_offsets, vec_mask = _indices(seq, group, H, D_P, BLOCK_S, HG, BLOCK_D)
     u = tl.load(u_ptr + vec_offsets, mask=vec_mask, other=0.0)
 
-    running_max = tl.full([HG], float("-inf"), tl.float32)
-    denominator = tl.zeros([HG], tl.float32)
-    acc = tl.zeros([HG, BLOCK_D], tl.float32)
+    running_max = tl.full([1, HG, 1], float("-inf"), tl.float32)
+    denominator = tl.zeros([1, HG, 1], tl.float32)
+    acc = tl.zeros([1, HG, BLOCK_D], tl.float32)
     for first in range(start, end, BLOCK_S):
-        rows = first + tl.arange(0, BLOCK_S)
+        rows = first + steps
         row_ok = rows < end
-        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.sum(h[:, None, :] * u[None, :, :], axis=2)
-        scores = tl.where(row_ok[:, None], scores, float("-inf"))
+        h = tl.load(h_ptr + rows.to(tl.int64) * stride_h + cols, mask=row_ok & (cols < D_P), other=0.0).to(tl.float32)
+        scores = tl.where(row_ok, tl.sum(h * u, axis=2, keep_dims=True), float("-inf"))
         # Every step holds at least one valid row, so new_max is finite and no exp sees -inf - -inf.
-        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0, keep_dims=True))
         rescale = tl.exp(running_max - new_max)
-        p = tl.exp(scores - new_max[None, :])
-        denominator = denominator * rescale + tl.sum(p, axis=0)
-        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * h[:, None, :], axis=0)
+        p = tl.exp(scores - new_max)
+        denominator = denominator * rescale + tl.sum(p, axis=0, keep_dims=True)
+        acc = acc * rescale + tl.sum(p * h, axis=0, keep_dims=True)
         running_max = new_max
 
     nonempty = denominator > 0
     safe_denominator = tl.where(nonempty, denominator, 1.0)
     lse = tl.where(nonempty, running_max + tl.log(safe_denominator), float("-inf"))
-    tl.store(c_ptr + split * stride_c_split + vec_offsets, acc / safe_denominator[:, None], mask=vec_mask)
-    tl.store(lse_ptr + split * stride_lse_split + seq * H + heads, lse, mask=head_ok)
+    tl.store(c_ptr + split.to(tl.int64) * stride_c_split + vec_offsets, acc / safe_denominator, mask=vec_mask)
+    tl.store(lse_ptr + split * stride_lse_split + seq * H + heads, lse, mask=heads < H)
 
 
 @triton.jit
@@ -127,10 +146,13 @@ def _combine_kernel(partial_c_ptr, partial_lse_ptr, c_ptr, lse_ptr, D_P, NUM_SPL
     cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D_P
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for split in range(NUM_SPLITS):
-        weight = tl.exp(tl.load(partial_lse_ptr + split * stride_lse_split + row) - safe_top)
-        acc += weight * tl.load(partial_c_ptr + split * stride_c_split + row.to(tl.int64) * D_P + cols,
-                                mask=col_ok, other=0.0)
+    lse_ptr_split = partial_lse_ptr + row
+    c_ptrs_split = partial_c_ptr + row.to(tl.int64) * D_P + cols
+    for _ in range(NUM_SPLITS):
+        weight = tl.exp(tl.load(lse_ptr_split) - safe_top)
+        acc += weight * tl.load(c_ptrs_split, mask=col_ok, other=0.0)
+        lse_ptr_split += stride_lse_split
+        c_ptrs_split += stride_c_split
     tl.store(c_ptr + row.to(tl.int64) * D_P + cols, acc / safe_total, mask=col_ok)
     tl.store(lse_ptr + row, tl.where(total > 0, safe_top + tl.log(safe_total), float("-inf")), mask=block == 0)
 
@@ -138,37 +160,29 @@ def _combine_kernel(partial_c_ptr, partial_lse_ptr, c_ptr, lse_ptr, D_P, NUM_SPL
 @triton.autotune(configs=_configs(), key=["D_P", "H"],
                  prune_configs_by={"early_config_prune": _prune(3)})
 @triton.jit
-def _backward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, dc_ptr, du_ptr, stride_h, D_P, H, SPLIT_LEN,
+def _backward_kernel(h_ptr, cu_ptr, u_ptr, c_ptr, lse_ptr, dc_ptr, du_ptr, stride_h, D_P, H, NUM_SPLITS, SPLIT_LEN,
                      stride_du_split, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HG: tl.constexpr):
     """Program (head group, split, sequence): du_e = sum_s p_s (h_s . dc_e - dc_e . c_e) h_s over the split."""
-    group, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    group, split, seq = _program_coordinates(H, NUM_SPLITS, HG)
     seq_end = tl.load(cu_ptr + seq + 1)
     start = tl.load(cu_ptr + seq) + split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, seq_end)
-
-    heads = group * HG + tl.arange(0, HG)
-    head_ok = heads < H
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D_P
-    vec_offsets = (seq * H + heads).to(tl.int64)[:, None] * D_P + cols[None, :]
-    vec_mask = head_ok[:, None] & col_ok[None, :]
+    steps, heads, cols, vec_offsets, vec_mask = _indices(seq, group, H, D_P, BLOCK_S, HG, BLOCK_D)
     u = tl.load(u_ptr + vec_offsets, mask=vec_mask, other=0.0)
     dc = tl.load(dc_ptr + vec_offsets, mask=vec_mask, other=0.0)
-    delta = tl.sum(dc * tl.load(c_ptr + vec_offsets, mask=vec_mask, other=0.0), axis=1)
-    lse = tl.load(lse_ptr + seq * H + heads, mask=head_ok, other=0.0)
+    delta = tl.sum(dc * tl.load(c_ptr + vec_offsets, mask=vec_mask, other=0.0), axis=2, keep_dims=True)
+    lse = tl.load(lse_ptr + seq * H + heads, mask=heads < H, other=0.0)
 
-    acc = tl.zeros([HG, BLOCK_D], tl.float32)
+    acc = tl.zeros([1, HG, BLOCK_D], tl.float32)
     for first in range(start, end, BLOCK_S):
-        rows = first + tl.arange(0, BLOCK_S)
+        rows = first + steps
         row_ok = rows < end
-        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + rows.to(tl.int64) * stride_h + cols, mask=row_ok & (cols < D_P), other=0.0).to(tl.float32)
         # Rows past the split load as h = 0: score 0, whose exp(0 - lse) would overflow when lse is very negative.
-        scores = tl.where(row_ok[:, None], tl.sum(h[:, None, :] * u[None, :, :], axis=2), float("-inf"))
-        p = tl.exp(scores - lse[None, :])
-        dp = tl.sum(h[:, None, :] * dc[None, :, :], axis=2)
-        acc += tl.sum((p * (dp - delta[None, :]))[:, :, None] * h[:, None, :], axis=0)
-    tl.store(du_ptr + split * stride_du_split + vec_offsets, acc, mask=vec_mask)
+        p = tl.exp(tl.where(row_ok, tl.sum(h * u, axis=2, keep_dims=True), float("-inf")) - lse)
+        dp = tl.sum(h * dc, axis=2, keep_dims=True)
+        acc += tl.sum(p * (dp - delta) * h, axis=0, keep_dims=True)
+    tl.store(du_ptr + split.to(tl.int64) * stride_du_split + vec_offsets, acc, mask=vec_mask)
 
 
 @functools.cache
@@ -227,8 +241,8 @@ def _forward(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int, split_le
         partial_c = torch.empty(num_splits, batch, heads, dim, dtype=torch.float32, device=h.device)
         partial_lse = torch.empty(num_splits, batch, heads, dtype=torch.float32, device=h.device)
     block_d = triton.next_power_of_2(dim)
-    _forward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]), num_splits, batch)](
-        h, cu_seqlens, u, partial_c, partial_lse, h.stride(0), dim, heads, split_len,
+    _forward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]) * num_splits * batch,)](
+        h, cu_seqlens, u, partial_c, partial_lse, h.stride(0), dim, heads, num_splits, split_len,
         partial_c.stride(0), partial_lse.stride(0), BLOCK_D=block_d)
     if num_splits > 1:
         combine_block = min(block_d, 1024)
@@ -242,8 +256,8 @@ def _backward(h: Tensor, cu_seqlens: Tensor, u: Tensor, c: Tensor, lse: Tensor, 
               split_len: int) -> Tensor:
     batch, heads, dim = u.shape
     du = torch.empty(num_splits, batch, heads, dim, dtype=torch.float32, device=h.device)
-    _backward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]), num_splits, batch)](
-        h, cu_seqlens, u, c, lse, dc, du, h.stride(0), dim, heads, split_len, du.stride(0),
+    _backward_kernel[lambda meta: (triton.cdiv(heads, meta["HG"]) * num_splits * batch,)](
+        h, cu_seqlens, u, c, lse, dc, du, h.stride(0), dim, heads, num_splits, split_len, du.stride(0),
         BLOCK_D=triton.next_power_of_2(dim))
     return du[0] if num_splits == 1 else du.sum(dim=0)
 
