@@ -104,7 +104,8 @@ def test_extra_forward_and_training_listener():
 def test_peft_reference_pass_is_not_captured():
     peft = pytest.importorskip("peft")
     _, policy = build("llama")
-    model = peft.get_peft_model(policy, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(policy, lora)
     sequence = [[5, 6, 7, 8]]
     with HiddenStateCapture(model) as capture, torch.no_grad():
         model(input_ids=torch.tensor(sequence))

@@ -14,7 +14,7 @@ import r2m
 from r2m.integrations.trl import R2MReward
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import trl_tiny  # noqa: E402
+import trl_tiny
 
 
 class StopAt(TrainerCallback):
@@ -50,13 +50,13 @@ def r2m_state(reward):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path):
-    reference_trainer, reference = run(tmp_path / "reference")
+    _, reference = run(tmp_path / "reference")
     _, interrupted = run(tmp_path / "resumed", stop_at=2)
     assert len(interrupted.update_stats) == 2
     saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "r2m" / "r2m_model.safetensors"))
     assert torch.equal(saved["head.weight"], interrupted.r2m.head.weight)
 
-    resumed_trainer, resumed = run(tmp_path / "resumed", resume=True)
+    _, resumed = run(tmp_path / "resumed", resume=True)
     assert len(resumed.update_stats) == 2
     assert [s["loss"] for s in resumed.update_stats] == [s["loss"] for s in reference.update_stats[2:]]
     expected, got = r2m_state(reference), r2m_state(resumed)

@@ -12,7 +12,7 @@ import r2m
 from r2m.integrations.trl import R2MReward
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import trl_tiny  # noqa: E402
+import trl_tiny
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 R2M_METRICS = ("r2m/loss", "r2m/bt", "r2m/gre", "r2m/omega", "r2m/reward_mean", "r2m/vanilla_reward_mean",

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,9 @@ class R2MReward(TrainerCallback):
     with the trainer's checkpoints.
     """
 
-    def __init__(self, reward_model: nn.Module | str | os.PathLike, reward_tokenizer: PreTrainedTokenizerBase | None = None,
-                 config: R2MConfig | None = None, name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None):
+    def __init__(self, reward_model: nn.Module | str | os.PathLike,
+                 reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
+                 name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None):
         if isinstance(reward_model, R2MRewardModel):
             if config is not None and config != reward_model.config:
                 raise ValueError("config differs from the config of the given R2MRewardModel: pass one or the other")
@@ -317,8 +318,8 @@ def capture_plan(args: TrainingArguments) -> str:
     ``generation`` (stitched from ``transformers.generate``) or ``extra`` (one no-grad forward of our own)."""
     if isinstance(args, RLOOConfig):
         return "forward"
-    generate_every = args.steps_per_generation * args.num_iterations
-    if (args.use_vllm and args.vllm_importance_sampling_correction) or args.gradient_accumulation_steps % generate_every:
+    misaligned = args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
+    if misaligned or (args.use_vllm and args.vllm_importance_sampling_correction):
         return "forward"
     if args.use_vllm or getattr(args, "use_transformers_continuous_batching", False):
         return "extra"
