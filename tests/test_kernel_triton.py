@@ -3,11 +3,17 @@
 Inputs are fresh random draws every run; the seed is drawn from the OS and printed in every failure message.
 """
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from r2m.fusion import SequenceToTokenAttention
 from r2m.kernels import seq_to_token_attention
@@ -212,3 +218,58 @@ def test_bad_inputs_name_the_argument(change, error, message):
 def test_bad_num_splits(num_splits):
     with pytest.raises(ValueError, match="num_splits"):
         seq_to_token_attention(*good_inputs(), num_splits=num_splits)
+
+
+# Compiles the kernels for Hopper (sm_90) through Triton's NVIDIA backend and its bundled ptxas, which needs no
+# GPU, and reports what the resource report and the PTX say. It runs in a child process because this one has
+# TRITON_INTERPRET=1, under which the kernels are interpreter objects.
+COMPILE_FOR_HOPPER = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import r2m.kernels
+k = sys.modules["r2m.kernels.seq_to_token_attention"]
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+D, H, BLOCK_D = 4096, 4, 4096
+aligned = ("stride_h", "D_P", "stride_c_split", "stride_du_split")  # as the launcher specialises them for D_p=4096
+results = {}
+def compile_kernel(name, fn, constants, options):
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else ("*bf16" if n == "h_ptr" else "*i32" if n == "cu_ptr"
+                 else "*fp32") if n.endswith("_ptr") else "i32" for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in aligned}
+    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(x.split(":") for x in next(l for l in usage.splitlines() if "REG:" in l).split() if ":" in x)
+    results[name] = {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
+                     "vector_loads": kernel.asm["ptx"].count("ld.global.v4"), **constants}
+for name, autotuned, resident in (("forward", k._forward_kernel, 2), ("backward", k._backward_kernel, 3)):
+    config = max(k._prune(resident)(autotuned.configs, {"H": H}, BLOCK_D=BLOCK_D),
+                 key=lambda c: (c.kwargs["HG"], k._registers(resident, c.kwargs["BLOCK_S"], c.kwargs["HG"], BLOCK_D,
+                                                            c.num_warps)))
+    compile_kernel(name, autotuned.fn, {"BLOCK_D": BLOCK_D, **config.kwargs}, {"num_warps": config.num_warps})
+compile_kernel("combine", k._combine_kernel, {"SPLITS_PAD": 64, "BLOCK_D": 1024}, {"num_warps": 4})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                    reason="this triton build ships no NVIDIA ptxas, so nothing can be compiled for a GPU here")
+def test_kernels_compile_for_hopper_without_spills():
+    """The autotuner's heaviest admitted configuration at D_p=4096, H=4 (bf16) compiles for sm_90 without spilling
+    and reads h with 16-byte loads. This is the only GPU-side check that runs without a GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, report in results.items():
+        assert report["stack"] <= 8, f"{name} spills: {report}"
+        assert report["vector_loads"] > 0, f"{name} has no 16-byte loads: {report}"
+    assert results["forward"]["HG"] == 4, "all four heads should share each h tile in the forward"
