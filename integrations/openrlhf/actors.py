@@ -126,7 +126,8 @@ class R2MRewardModelActorBase(actor_class(RewardModelActor)):
         rte = rte_from_last_hidden(output["last_hidden_state"], attention_mask).float()
         keys = fingerprints(sequences, attention_mask)
         self._rte.update(zip(keys, rte.cpu(), strict=True))
-        self.r2m.rm.total_steps = r2m_feedback["total_steps"]
+        if r2m_feedback["total_steps"] is not None:
+            self.r2m.rm.total_steps = r2m_feedback["total_steps"]
         feedback = None
         if self.r2m.needs_policy:
             ray.wait([r2m_feedback["ready"]], fetch_local=False)
@@ -134,7 +135,7 @@ class R2MRewardModelActorBase(actor_class(RewardModelActor)):
         rewards = self.r2m.rewards(rte, feedback, r2m_feedback["step"])
         return self._normalized(rewards).cpu()
 
-    def r2m_update(self, keys: Sequence[str], rewards: Tensor, group_size: int, step: int, total_steps: int,
+    def r2m_update(self, keys: Sequence[str], rewards: Tensor, group_size: int, step: int, total_steps: int | None,
                    policy_parts: Sequence[tuple[Any, Sequence[int]]], rte_refs: Sequence[Any] = ()
                    ) -> dict[str, float]:
         """One R2M update on the samples ``keys`` (group-major; under torch.distributed this rank's contiguous
@@ -149,7 +150,8 @@ class R2MRewardModelActorBase(actor_class(RewardModelActor)):
             raise KeyError(f"no cached RTE for {len(missing)} of {len(keys)} samples: R2M updates on the samples it "
                            f"scored")
         rte = torch.stack([rtes[key] for key in keys])
-        self.r2m.rm.total_steps = total_steps
+        if total_steps is not None:
+            self.r2m.rm.total_steps = total_steps
         feedback = self._feedback(keys, policy_parts) if self.r2m.needs_policy else None
         sent, received = self._traffic.sent, self._traffic.received
         stats = self.r2m.update(rte, feedback, torch.as_tensor(rewards, dtype=torch.float32), group_size, step)

@@ -30,10 +30,11 @@ def chunk_owner(item: int, num_items: int, num_actors: int, duplicates: int) -> 
 class R2MExperienceMaker(RemoteExperienceMaker):
     """``RemoteExperienceMaker`` whose reward forward gets the policy feedback, plus `r2m_update` for the round.
 
-    ``r2m_step`` (the policy step t of w(t)) is set by the trainer before each round; ``total_steps`` is T.
+    ``r2m_step`` (the policy step t of w(t)) is set by the trainer before each round; ``total_steps`` is T (None:
+    the reward actors' ``R2MConfig.total_steps``).
     """
 
-    def __init__(self, *args: Any, total_steps: int, **kwargs: Any):
+    def __init__(self, *args: Any, total_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.r2m_step = 0
         self.r2m_total_steps = total_steps
