@@ -193,7 +193,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ys = [i + k * width for i, s in enumerate(shapes) if s in by_shape]
             values = [by_shape[s]["time_ms"] for s in shapes if s in by_shape]
             bars = ax.barh(ys, values, height=width, label=impl)
-            labels = [f"{by_shape[s]['time_ms']:.3g} ms" + (f"  {by_shape[s]['speedup_vs_naive']:.1f}x"
+            labels = [f"{by_shape[s]['time_ms']:.4g} ms" + (f"  {by_shape[s]['speedup_vs_naive']:.1f}x"
                                                               if by_shape[s]["speedup_vs_naive"] else "")
                       for s in shapes if s in by_shape]
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_results(args.out or default_out(device), "kernel",
                         {"args": vars(args), "preset": preset, "environment": env,
                          "copy_bandwidth_GBps": copy_bytes_per_s / 1e9, "rows": rows}, table)
-    plot(rows, out / "kernel.png", header.strip().split(";")[0] + f" — preset {preset}")
+    plot(rows, out / "kernel.png", f"Device: {env['device_name']} ({device.type}) — preset {preset}, "
+                                   f"{env['torch_threads']} torch threads")
     print(table)
     print(f"written to {out}/kernel.{{json,md,png}}")
     return 0
