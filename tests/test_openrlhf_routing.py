@@ -220,3 +220,16 @@ def test_rows_from_packed_output_equal_padded():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="ring attention"):
         rows_from_output(torch.randn(1, 5, POLICY_DIM), mask)
+
+
+def test_traffic_benchmark_compact_is_independent_of_sequence_length():
+    from r2m.benchmarks.openrlhf_traffic import measure
+
+    short, long = (measure(seq_len=seq_len, policy_dim=64, heads=2, batch=4, group_size=2, rm_dim=8)
+                   for seq_len in (17, 65))
+    by_routing = {(rows[0]["seq_len"], row["routing"]): row for rows in (short, long) for row in rows}
+    for phase, vectors in (("score", 2), ("update", 4)):
+        key = f"{phase}_payload_bytes_per_sample"
+        assert by_routing[(65, "full")][key] >= 64 * 64 * 2 > by_routing[(17, "full")][key] >= 16 * 64 * 2
+        assert by_routing[(17, "compact")][key] == by_routing[(65, "compact")][key]
+        assert vectors * 2 * 64 * 4 <= by_routing[(65, "compact")][key] < vectors * 2 * 64 * 4 + 200
