@@ -1,5 +1,6 @@
-"""The Triton kernel of r2m.kernels against an explicit float64 reference (CPU: TRITON_INTERPRET=1, see conftest).
+"""The Triton kernel of r2m.kernels against an explicit float64 reference.
 
+On CUDA machines the kernels run on the GPU; elsewhere on CPU tensors through TRITON_INTERPRET=1 (see conftest).
 Inputs are fresh random draws every run; the seed is drawn from the OS and printed in every failure message.
 """
 
@@ -18,6 +19,7 @@ import triton
 from r2m.fusion import SequenceToTokenAttention
 from r2m.kernels import seq_to_token_attention
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative error ||out - ref|| / ||ref||. The reference reads the same rounded h, so every dtype is left with fp32
 # accumulation error only; half inputs get a little more room for the GPU's approximate exp on larger rows.
@@ -38,13 +40,15 @@ def ragged_batch(heads: int, dim: int, dtype: torch.dtype, extra: int = 3):
     lengths = [lengths[i] for i in torch.randperm(len(lengths)).tolist()]
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
-    h = torch.randn(int(cu_seqlens[-1]), dim).to(dtype)
-    u = (torch.randn(len(lengths), heads, dim) / math.sqrt(dim) * 3).requires_grad_()
+    h = torch.randn(int(cu_seqlens[-1]), dim).to(device=DEVICE, dtype=dtype)
+    u = (torch.randn(len(lengths), heads, dim, device=DEVICE) / math.sqrt(dim) * 3).requires_grad_()
+    cu_seqlens = cu_seqlens.to(DEVICE)
     return lengths, h, cu_seqlens, u
 
 
 def reference(h: torch.Tensor, cu_seqlens: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence and head in float64: softmax attention of query u over keys = values = h."""
+    """Per sequence and head in float64 on the CPU: softmax attention of query u over keys = values = h."""
+    h, cu_seqlens, u = h.cpu(), cu_seqlens.cpu(), u.cpu()
     contexts, lses = [], []
     for b in range(u.shape[0]):
         tokens = h[cu_seqlens[b]:cu_seqlens[b + 1]].double()
@@ -63,20 +67,21 @@ def reference(h: torch.Tensor, cu_seqlens: torch.Tensor, u: torch.Tensor) -> tup
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach()
+    out, ref = out.detach().cpu().double(), ref.detach().cpu()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def check_against_reference(h, cu_seqlens, u, lengths, dtype, seed, num_splits=None):
     c, lse = seq_to_token_attention(h, cu_seqlens, u, num_splits=num_splits)
     dc, dlse = torch.randn_like(c), torch.randn_like(lse)
-    empty = torch.tensor(lengths) == 0
+    empty = torch.tensor(lengths, device=DEVICE) == 0
     # lse is -inf for empty sequences: their dlse is dropped so the loss stays finite.
     (du,) = torch.autograd.grad((c * dc).sum() + (lse.masked_fill(empty[:, None], 0) * dlse).sum(), u)
 
-    u64 = u.detach().double().requires_grad_()
+    u64 = u.detach().cpu().double().requires_grad_()
     ref_c, ref_lse = reference(h, cu_seqlens, u64)
-    ref_loss = (ref_c * dc.double()).sum() + (ref_lse.masked_fill(empty[:, None], 0) * dlse.double()).sum()
+    dc64, dlse64, empty64 = dc.cpu().double(), dlse.cpu().double(), empty.cpu()
+    ref_loss = (ref_c * dc64).sum() + (ref_lse.masked_fill(empty64[:, None], 0) * dlse64).sum()
     (ref_du,) = torch.autograd.grad(ref_loss, u64)
 
     context = f"seed={seed} lengths={lengths} dtype={dtype} num_splits={num_splits}"
@@ -87,7 +92,7 @@ def check_against_reference(h, cu_seqlens, u, lengths, dtype, seed, num_splits=N
     assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all(), context
     tolerance = TOLERANCE[dtype]
     assert relative_error(c, ref_c) < tolerance, context
-    assert relative_error(lse[~empty], ref_lse[~empty]) < tolerance, context
+    assert relative_error(lse[~empty], ref_lse[~empty64]) < tolerance, context
     assert relative_error(du, ref_du) < tolerance, context
 
 
@@ -142,10 +147,11 @@ def test_every_output_element_is_written(monkeypatch, num_splits):
 
 
 def test_all_sequences_empty():
-    u = torch.randn(3, 2, 24, requires_grad=True)
-    c, lse = seq_to_token_attention(torch.randn(0, 24), torch.zeros(4, dtype=torch.int32), u)
+    u = torch.randn(3, 2, 24, device=DEVICE, requires_grad=True)
+    c, lse = seq_to_token_attention(torch.randn(0, 24, device=DEVICE), torch.zeros(4, dtype=torch.int32, device=DEVICE),
+                                    u)
     c.sum().backward()
-    assert torch.equal(c, torch.zeros(3, 2, 24)) and torch.isneginf(lse).all()
+    assert torch.equal(c, torch.zeros_like(c)) and torch.isneginf(lse).all()
     assert torch.equal(u.grad, torch.zeros_like(u))
 
 
@@ -171,17 +177,17 @@ def test_module_outputs_and_all_projection_gradients(dtype, heads, packed):
     lengths, h, cu_seqlens, _ = ragged_batch(heads, 37, dtype)
     mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
     padded = torch.zeros(len(lengths), max(lengths), 37, dtype=dtype)
-    padded[mask] = h
-    rte, upstream = torch.randn(len(lengths), 20), torch.randn(len(lengths), 20)
+    padded[mask] = h.cpu()
+    rte, upstream = torch.randn(len(lengths), 20, device=DEVICE), torch.randn(len(lengths), 20, device=DEVICE)
 
-    triton_module = make_module("triton", heads)
+    triton_module = make_module("triton", heads).to(DEVICE)
     naive64 = make_module("naive", heads).double()
     naive64.load_state_dict({k: v.double() for k, v in triton_module.state_dict().items()})
-    inputs = (h, None, cu_seqlens) if packed else (padded, mask, None)
+    inputs = (h, None, cu_seqlens) if packed else (padded.to(DEVICE), mask.to(DEVICE), None)
     out = triton_module(rte, *inputs)
-    expected = naive64(rte.double(), padded.double(), mask)
+    expected = naive64(rte.cpu().double(), padded.double(), mask)
     (out * upstream).sum().backward()
-    (expected * upstream.double()).sum().backward()
+    (expected * upstream.cpu().double()).sum().backward()
 
     context = f"seed={seed} lengths={lengths}"
     assert relative_error(out, expected.detach()) < 1e-5, context
@@ -192,7 +198,12 @@ def test_module_outputs_and_all_projection_gradients(dtype, heads, packed):
 
 
 def good_inputs():
-    return torch.randn(6, 8), torch.tensor([0, 2, 6], dtype=torch.int32), torch.randn(2, 1, 8)
+    return (torch.randn(6, 8, device=DEVICE), torch.tensor([0, 2, 6], dtype=torch.int32, device=DEVICE),
+            torch.randn(2, 1, 8, device=DEVICE))
+
+
+def int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("change, error, message", [
@@ -203,11 +214,11 @@ def good_inputs():
     (lambda h, cu, u: (h, cu, u.double()), TypeError, "u must be float32"),
     (lambda h, cu, u: (h, cu.long(), u), ValueError, "cu_seqlens must be int32"),
     (lambda h, cu, u: (h, cu[:2], u), ValueError, "cu_seqlens must be int32 of shape"),
-    (lambda h, cu, u: (h, torch.tensor([0, 4, 3], dtype=torch.int32), u), ValueError, "never decrease"),
-    (lambda h, cu, u: (h, torch.tensor([0, 2, 5], dtype=torch.int32), u), ValueError, "end at total_tokens=6"),
-    (lambda h, cu, u: (h, torch.tensor([1, 2, 6], dtype=torch.int32), u), ValueError, "start at 0"),
+    (lambda h, cu, u: (h, int32([0, 4, 3]), u), ValueError, "never decrease"),
+    (lambda h, cu, u: (h, int32([0, 2, 5]), u), ValueError, "end at total_tokens=6"),
+    (lambda h, cu, u: (h, int32([1, 2, 6]), u), ValueError, "start at 0"),
     (lambda h, cu, u: (h, cu, u.to("meta")), ValueError, "u is on meta"),
-    (lambda h, cu, u: (h.numpy(), cu, u), TypeError, "h must be a torch.Tensor"),
+    (lambda h, cu, u: (h.tolist(), cu, u), TypeError, "h must be a torch.Tensor"),
 ])
 def test_bad_inputs_name_the_argument(change, error, message):
     with pytest.raises(error, match=message):
