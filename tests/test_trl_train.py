@@ -83,6 +83,7 @@ def test_training_run(kind, tmp_path):
 @pytest.mark.parametrize("kind, overrides, plan", [
     ("rloo", {}, "forward"),
     ("grpo", {}, "generation"),
+    ("grpo", {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}, "generation"),
     ("grpo", {"steps_per_generation": 2}, "forward"),  # generation and optimisation steps misaligned
 ])
 def test_no_extra_policy_forward(kind, overrides, plan, tmp_path):
@@ -124,7 +125,7 @@ def test_extra_forward_when_the_trainer_runs_none(tmp_path):
 def test_heterogeneous_policy_and_reward_model(policy_family, rm_family, tmp_path):
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_(
         policy_family, rm_family, policy_hidden=40, rm_hidden=24, rm_tokenizer="byte")
-    reward = R2MReward(reward_model, reward_tokenizer, config=config())
+    reward = R2MReward(reward_model, reward_tokenizer, config=config(hidden_offload=True))
     seen = spy_rewards(reward)
     train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2, bf16=True)  # CPU autocast
     assert reward.r2m.policy_dim == 40 and reward.r2m.rm_dim == 24
@@ -214,3 +215,28 @@ def test_modes_without_policy_states_capture_nothing(mode, tmp_path):
     reward = R2MReward(reward_model, reward_tokenizer, config=config(mode=mode))
     train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2)
     assert reward.capture_plan is None and reward.extra_forwards == 0 and len(reward.update_stats) == 2
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w0 {% endif %}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, {"use_transformers_continuous_batching": True}])
+def test_conversational_prompts(overrides, tmp_path):
+    """Chat prompts: the RM reads the chat-templated conversation; the extra forward rebuilds TRL's prompt ids."""
+    policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
+    policy_tokenizer.chat_template = reward_tokenizer.chat_template = CHAT_TEMPLATE
+    reward = R2MReward(reward_model, reward_tokenizer, config=config())
+    texts = []
+    reward_texts = reward._reward_texts
+    reward._reward_texts = lambda *a: texts.append(reward_texts(*a)) or texts[-1]
+    dataset = trl_tiny.dataset().map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward],
+                          args=trl_tiny.args("grpo", str(tmp_path), max_steps=2, **overrides),
+                          train_dataset=dataset, processing_class=policy_tokenizer)
+    trainer.train()
+    prompts = {row["prompt"] for row in trl_tiny.dataset()}
+    assert all(any(text.startswith(p + " ") for p in prompts) for text in texts[0])  # the templated conversation
+    assert reward.capture_counts["extra"] == (8 if overrides else 0)
+    assert all(s["refreshed"] == 1.0 for s in reward.update_stats)

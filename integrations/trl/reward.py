@@ -64,6 +64,13 @@ class R2MReward(TrainerCallback):
     path's tokenizer. The policy's hidden states come from forwards the trainer already runs (see `capture_plan`);
     the fusion and head are updated once per generation batch, after the policy's last pass over it, and saved
     with the trainer's checkpoints.
+
+    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's own score),
+    ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy forward),
+    ``r2m/reward_nonfinite`` (rewards returned as None), ``r2m/hidden_nonfinite`` (samples scored with the vanilla
+    reward because their hidden states were not finite) and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``,
+    ``r2m/groups_skipped``, ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the
+    training pass).
     """
 
     def __init__(self, reward_model: nn.Module | str | os.PathLike,
@@ -211,10 +218,10 @@ class R2MReward(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self._calls == 0:
+        self._advance()
+        if self._calls == 0 and self._micro_steps >= self._generate_every:
             raise RuntimeError("R2MReward is a callback of this trainer but was never called as a reward function: "
                                "pass the same object in reward_funcs=[...] as well as in callbacks=[...]")
-        self._advance()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
