@@ -105,9 +105,12 @@ class SequenceToTokenAttention(nn.Module):
         if impl == "triton":
             from r2m.kernels import seq_to_token_attention
 
+            if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise TypeError(f"impl='triton' takes bfloat16, float16 or float32 hidden states, got {hidden.dtype}; "
+                                f"use impl='torch' for other dtypes")
             if cu_seqlens is None:
                 hidden, cu_seqlens = pack(hidden, mask)
-            context = seq_to_token_attention(hidden, cu_seqlens, u)[0]
+            context = seq_to_token_attention(hidden, cu_seqlens, u.float())[0]
         else:
             padded, mask = self._padded(hidden, mask, cu_seqlens)
             context = attend_torch(padded, mask, u)
@@ -143,10 +146,15 @@ class SequenceToTokenAttention(nn.Module):
         return self.o_proj(rearrange(heads, "b h d -> b (h d)"))
 
     def _padded(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
-        if cu_seqlens is not None:
-            hidden, mask = unpack(hidden, cu_seqlens)
+        """Padded hidden states in the weights' dtype with zeros wherever the mask is off (copying only if needed)."""
         dtype = self.k_proj.weight.dtype
-        return torch.where(mask[..., None], hidden.to(dtype), hidden.new_zeros((), dtype=dtype)), mask
+        if cu_seqlens is not None:
+            return unpack(hidden.to(dtype), cu_seqlens)
+        if bool(mask.all()):
+            return hidden.to(dtype), mask
+        if hidden.dtype != dtype:
+            return hidden.to(dtype).masked_fill_(~mask[..., None], 0), mask
+        return hidden.masked_fill(~mask[..., None], 0), mask
 
     def _check_rte(self, rte: Tensor) -> Tensor:
         if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:
