@@ -240,3 +240,23 @@ def test_conversational_prompts(overrides, tmp_path):
     assert all(any(text.startswith(p + " ") for p in prompts) for text in texts[0])  # the templated conversation
     assert reward.capture_counts["extra"] == (8 if overrides else 0)
     assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
+
+
+@pytest.mark.slow
+def test_states_stitched_during_generate_equal_a_full_forward(tmp_path):
+    """GRPO default: h taken from generate's prefill + decode steps equals a full fp32 forward of each sample."""
+    policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
+    reward = R2MReward(reward_model, reward_tokenizer, config=config())
+    used = []
+    policy_states = reward._policy_states
+    reward._policy_states = lambda *a: used.append(policy_states(*a)) or (used[-1][0][:], *used[-1][1:])
+    train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=1, learning_rate=0.0,
+          per_device_train_batch_size=12)
+    (hidden, tokens, extra), = used
+    assert extra == 0 and reward.capture_plan == "generation"
+    assert len({len(t) for t in tokens}) > 1  # ragged prompts: generation ran left-padded
+    body = policy.model
+    with torch.no_grad():
+        for states, sequence in zip(hidden, tokens, strict=True):
+            expected = body(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
+            torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-5)

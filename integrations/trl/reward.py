@@ -98,7 +98,7 @@ class R2MReward(TrainerCallback):
         self.reward_model = model
         self.tokenizer = _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
-        self.capture_plan: str | None = None
+        self.capture_plan: str | None = None  # set by the trainer: see `capture_plan`; None when no states needed
         self.capture_counts: dict[str, int] = dict.fromkeys(CAPTURE_SOURCES, 0)
         self.extra_forwards = 0
         self.update_stats: list[dict[str, float]] = []
@@ -147,7 +147,8 @@ class R2MReward(TrainerCallback):
             self._pending.append(_Batch(rte, hidden, torch.where(finite, rewards, torch.nan), step,
                                         self._micro_steps, dict(keys)))
         if log_metric is not None:
-            metrics = {"r2m/reward_mean": _mean(rewards[finite]), "r2m/vanilla_reward_mean": _mean(vanilla),
+            metrics = {"r2m/reward_mean": _mean(rewards[finite]),
+                       "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
                        "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(rewards),
                        "r2m/reward_nonfinite": float((~finite).sum()),
                        "r2m/hidden_nonfinite": float(sum(not bool(torch.isfinite(h).all()) for h in hidden or []))}
