@@ -117,6 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         yield state
     finally:
         ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         sys.path.remove(str(STUBS))
         for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "flash_attn", "r2m_test_standin")]:
             del sys.modules[name]
