@@ -310,13 +310,13 @@ class R2MReward(TrainerCallback):
         self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed")})
 
     def _emit(self, metrics: dict[str, float]) -> None:
-        """Update metrics go into the trainer's metrics for the coming log; a trainer that keeps none gets them
-        through ``log_metric`` with the next generation batch."""
+        """Update metrics go into the metrics of the trainer that handed us ``log_metric``, for its coming log; a
+        trainer that keeps none gets them through ``log_metric`` with the next generation batch."""
         store = getattr(getattr(self._log_metric, "__self__", None), "_metrics", None)
         for key, value in metrics.items():
             if isinstance(store, dict) and isinstance(store.get("train"), dict):
                 store["train"][key].append(value)
-            else:
+            elif self._log_metric is not None:
                 self._queued_metrics[key].append(value)
 
 
