@@ -176,8 +176,9 @@ class R2MRewardModelActorBase(actor_class(RewardModelActor)):
 
     def r2m_state_dict(self) -> dict[str, Tensor]:
         """Fusion and head weights (CPU copies)."""
-        return {k: v.detach().cpu().clone() for k, v in self.r2m.rm.state_dict().items()
-                if k.startswith(("fusion.", "head."))}
+        modules = {"fusion": self.r2m.rm.fusion, "head": self.r2m.rm.head}
+        return {f"{prefix}.{k}": v.detach().cpu().clone()
+                for prefix, module in modules.items() for k, v in module.state_dict().items()}
 
     def r2m_save(self, path: str) -> None:
         """Write the R2M checkpoint (fusion, head, optimizer; safetensors + JSON) to ``path``."""
