@@ -132,7 +132,7 @@ class HiddenStateCapture:
             return result
         fed = torch.cat([step.input_ids for step in steps], dim=1).cpu() if steps else None
         decoded = torch.cat([step.hidden for step in steps], dim=1) if steps else None
-        prompt_mask = prefill.attention_mask.bool()
+        prompt_mask = prefill.attention_mask.bool().cpu()
         prompt_ids = prefill.input_ids.cpu()
         for i, completion in enumerate(completions):
             completion = list(completion)
@@ -144,9 +144,9 @@ class HiddenStateCapture:
             if length and fed[i, :length].tolist() != completion[:length]:
                 continue
             prompt = prompt_mask[i]
-            parts = [prefill.hidden[i, prompt]] + ([decoded[i, :length]] if length else [])
+            parts = [_select(prefill.hidden[i], prompt)] + ([decoded[i, :length]] if length else [])
             result.hidden[i] = self._keep(torch.cat(parts))
-            result.tokens[i] = tuple(prompt_ids[i, prompt.cpu()].tolist() + completion)
+            result.tokens[i] = tuple(prompt_ids[i, prompt].tolist() + completion)
         return result
 
     def pop_forwards(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
@@ -253,11 +253,23 @@ def _is_adapter_layer(module: nn.Module) -> bool:
 
 def _valid_states(record: _Forward) -> tuple[list[Tensor], list[tuple[int, ...] | None]]:
     """Per row: hidden states at the valid positions but the last, and the valid token ids."""
-    mask = record.attention_mask.bool()
+    mask = record.attention_mask.bool().cpu()
     ids = None if record.input_ids is None else record.input_ids.cpu()
     hiddens, tokens = [], []
     for i in range(record.hidden.shape[0]):
         valid = mask[i]
-        hiddens.append(record.hidden[i, valid][:-1])
-        tokens.append(None if ids is None else tuple(ids[i, valid.cpu()].tolist()))
+        hiddens.append(_select(record.hidden[i], valid)[:-1].clone())
+        tokens.append(None if ids is None else tuple(ids[i, valid].tolist()))
     return hiddens, tokens
+
+
+def _select(rows: Tensor, valid: Tensor) -> Tensor:
+    """``rows[valid]`` for a CPU bool mask; a slice when the valid positions are contiguous (padding only at the
+    ends, as trainers lay out prompt + completion), so a device tensor needs no host sync."""
+    positions = valid.nonzero().flatten()
+    if positions.numel() == 0:
+        return rows[:0]
+    start, stop = int(positions[0]), int(positions[-1]) + 1
+    if stop - start == positions.numel():
+        return rows[start:stop]
+    return rows[positions.to(rows.device)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from r2m import tiny
-from r2m.capture import HiddenStateCapture, find_backbone, pack
+from r2m.capture import HiddenStateCapture, _select, find_backbone, pack
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
 
@@ -119,6 +119,14 @@ def test_peft_reference_pass_is_not_captured():
             base = find_backbone(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
     torch.testing.assert_close(policy_states, adapted)
     assert not torch.allclose(adapted, base)
+
+
+def test_select_slices_contiguous_positions_and_gathers_the_rest():
+    rows = torch.arange(6.0)[:, None]
+    contiguous = _select(rows, torch.tensor([0, 1, 1, 1, 0, 0]).bool())
+    assert contiguous.tolist() == [[1.0], [2.0], [3.0]] and contiguous.data_ptr() == rows[1].data_ptr()
+    assert _select(rows, torch.tensor([1, 0, 1, 1, 0, 1]).bool()).tolist() == [[0.0], [2.0], [3.0], [5.0]]
+    assert _select(rows, torch.zeros(6, dtype=torch.bool)).shape == (0, 1)
 
 
 def test_pack():
