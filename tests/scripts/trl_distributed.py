@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import trl_tiny
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import r2m
-import trl_tiny
 from r2m.integrations.trl import R2MReward
 
 PER_DEVICE, GROUP = 6, 4  # rank 0 holds samples 0-5 of each 12-sample batch: group 1 straddles the ranks
