@@ -241,7 +241,7 @@ class R2MReward(TrainerCallback):
             self.reward_model.to(args.device)
             device = args.device
         seed = self.config.seed if self.config.seed is not None else args.seed
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(seed)
             return R2MRewardModel(self.reward_model, policy_dim, self.config)
 
