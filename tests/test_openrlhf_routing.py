@@ -57,7 +57,7 @@ def test_attend_and_closed_form_backward_match_autograd():
     dc = torch.randn_like(c)
     du = store.attend_backward(token, dc)
     c_ref.backward(dc)
-    torch.testing.assert_close(du, u_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du, u_ref.grad, rtol=1e-5, atol=1e-5 * float(u_ref.grad.abs().max()))
     assert torch.isfinite(du).all() and torch.equal(du[2], torch.zeros_like(du[2]))
     with pytest.raises(KeyError, match="no pending attention"):
         store.attend_backward(token, dc)
