@@ -296,6 +296,7 @@ def test_experience_maker_feeds_policy_states_and_updates_after_training(world, 
     core = _core_copy(world)
     rte, states, valid = _reference(world, sequences, mask)
     expected = core.reward_from_rte(rte, states, valid, STEP)
+    assert not torch.allclose(expected, core.vanilla_reward_from_rte(rte), atol=1e-3), "feedback must matter here"
     got = torch.zeros(len(expected))
     for experience in experiences:
         got[experience.index] = experience.rewards

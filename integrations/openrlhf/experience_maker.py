@@ -105,8 +105,8 @@ class R2MExperienceMaker(RemoteExperienceMaker):
                              f"{len(reward_actors)} reward actors: make the rollout size a multiple of it")
         needs_policy = R2MOptions.from_args(self.args).config().uses_fusion
         holder = _holders(ray.get([actor.r2m_held.remote() for actor in policy])) if needs_policy else {}
-        rte_holder = _holders([dict.fromkeys(keys, False)
-                               for keys in ray.get([actor.r2m_held_rtes.remote() for actor in reward_actors])])
+        rte_holder = _holders([dict.fromkeys(cached, False)
+                               for cached in ray.get([actor.r2m_held_rtes.remote() for actor in reward_actors])])
         missing = [key for key in keys if key not in rte_holder]
         if missing:
             raise RuntimeError(f"no reward actor cached the RTE of {len(missing)} of {len(keys)} samples")
