@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ WEIGHTS_NAME = "r2m_model.safetensors"
 OPTIMIZER_NAME = "r2m_optimizer.safetensors"
 # Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
+# "attend(u) -> c" run wherever the policy states live (SPEC 3): query vectors u [B, H, D_p] -> the attended states
+# c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
+PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 class R2MModule(nn.Module):
@@ -78,20 +82,23 @@ class R2MModule(nn.Module):
 
     @torch.no_grad()
     def reward_from_rte(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, step: int,
-                        cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None) -> Tensor:
+                        cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None,
+                        context: PolicyContext | None = None) -> Tensor:
         """R2M reward [B] (float32) from cached RTEs and the policy's hidden states at policy step ``step``.
 
-        hidden: padded [B, S, D_p] with mask [B, S], or packed [N, D_p] with cu_seqlens [B + 1]. A sample whose
+        hidden: padded [B, S, D_p] with mask [B, S], or packed [N, D_p] with cu_seqlens [B + 1]; or, instead of
+        hidden, a ``context`` that attends over states kept elsewhere (only u and c travel). A sample whose
         inputs or fused reward are not finite gets the vanilla reward instead: the fusion never adds a NaN.
         """
         vanilla = self.vanilla_reward_from_rte(rte, base_rewards)
         if self.config.mode == "vanilla":
             return vanilla
-        rewards, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards)
+        rewards, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context)
         return torch.where(usable & torch.isfinite(rewards), rewards, vanilla)
 
     def update(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, rewards: Tensor, group_size: int,
-               step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None) -> dict[str, float]:
+               step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None,
+               context: PolicyContext | None = None) -> dict[str, float]:
         """One GREBT update of fusion and head (paper Sec. 4.2) on groups of ``group_size`` consecutive samples.
 
         ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
@@ -114,7 +121,7 @@ class R2MModule(nn.Module):
         groups = all_rewards.numel() // group_size
         if not self.config.trains:
             return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "update_ms": 0.0}
-        fused, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, with_grad=True)
+        fused, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
         sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
@@ -122,7 +129,7 @@ class R2MModule(nn.Module):
         used = int(group_ok.sum())
         for inner in range(self.config.update_steps if used else 0):
             if inner:
-                fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, with_grad=True)
+                fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
             gathered = _all_gather(fused.detach(), world).requires_grad_(True)
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
@@ -147,7 +154,8 @@ class R2MModule(nn.Module):
         self.optimizer.step()
 
     def _rewards(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
-                 step: int, base_rewards: Tensor | None, with_grad: bool = False) -> tuple[Tensor, Tensor]:
+                 step: int, base_rewards: Tensor | None, context: PolicyContext | None = None,
+                 with_grad: bool = False) -> tuple[Tensor, Tensor]:
         """Trainable reward [B] and which samples had finite inputs. Non-finite inputs are zeroed first."""
         rte = self._check_rte(rte)
         usable = torch.isfinite(rte).all(dim=1)
@@ -155,7 +163,13 @@ class R2MModule(nn.Module):
         w = self.omega_at(step)
         with torch.set_grad_enabled(with_grad):
             base = self.base_reward(rte, base_rewards)
-            if self.config.uses_fusion:
+            if self.config.uses_fusion and context is not None:
+                if self.config.mode == "noise":
+                    raise ValueError("mode 'noise' draws noise matched to the policy states themselves: pass hidden, "
+                                     "not a context")
+                attended, context_ok = context(self.fusion.query_vectors(rte))
+                feature, usable = self.fusion.project_context(attended), usable & context_ok.to(usable.device)
+            elif self.config.uses_fusion:
                 if hidden is None:
                     raise ValueError(f"hidden (the policy's hidden states) is required in mode {self.config.mode!r}")
                 hidden, mask, cu_seqlens, hidden_ok = self._clean_hidden(hidden, mask, cu_seqlens, rte.shape[0])

@@ -399,8 +399,9 @@ def test_openrlhf_reward_func():
     assert torch.equal(again["rewards"], torch.tensor([0.0, 1.0, -1.0]))
     assert torch.equal(out["scores"], out["rewards"])
     assert out["extra_logs"]["rm_r1/unparseable"].tolist() == [1.0] * 3
-    user = server.requests[0]["messages"][1]["content"]
-    assert "[Client Question]\n<user>p</user>\n" in user and "Chatbot A's Response]\nquality 1\n" in user
+    users = [request["messages"][1]["content"] for request in server.requests]  # sent concurrently: any order
+    assert all("[Client Question]\n<user>p</user>\n" in user for user in users)
+    assert any("Chatbot A's Response]\nquality 1\n" in user for user in users)
 
 
 def test_sync_call_inside_a_running_event_loop_and_pickling():

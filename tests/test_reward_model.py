@@ -272,3 +272,31 @@ def test_wrap_refuses_what_is_not_a_sequence_classifier(tokenizer):
         r2m.wrap(tiny.build_reward_model(tokenizer), 0)
     with pytest.raises(TypeError, match=r"config must be an r2m\.R2MConfig"):
         r2m.wrap(tiny.build_reward_model(tokenizer), POLICY_DIM, {"alpha": 0.3})
+
+
+def test_context_attend_gives_the_same_rewards_and_update(reward_model):
+    """A PolicyContext (attend(u) -> c where the states live) is exactly the hidden-state path."""
+    rte, hidden, mask, rewards = batch(seed=29)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(make(copy.deepcopy(reward_model)))
+        torch.nn.init.normal_(models[-1].fusion.o_proj.weight, std=0.3)
+    by_hidden, by_context = models
+    hidden[2, 0, 0] = float("nan")
+    ok = torch.isfinite(hidden).all(-1).logical_or(~mask).all(1)
+    clean = torch.where(mask[..., None] & torch.isfinite(hidden), hidden, 0.0)
+
+    def attend(u):
+        return r2m.fusion.attend_torch(clean, mask, u), ok
+
+    torch.testing.assert_close(by_context.reward_from_rte(rte, None, None, 3, context=attend),
+                               by_hidden.reward_from_rte(rte, hidden, mask, 3))
+    stats = [m.update(rte, hidden, mask, rewards, 4, 3) if m is by_hidden
+             else m.update(rte, None, None, rewards, 4, 3, context=attend) for m in models]
+    assert stats[0]["groups_skipped"] == stats[1]["groups_skipped"] == 1
+    for a, b in zip(by_hidden.trainable_parameters(), by_context.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    noise = make(copy.deepcopy(reward_model), mode="noise")
+    with pytest.raises(ValueError, match="mode 'noise' draws noise"):
+        noise.reward_from_rte(rte, None, None, 3, context=attend)

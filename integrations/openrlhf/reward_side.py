@@ -10,18 +10,15 @@ sequence length.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from r2m.base import R2MModule
+from r2m.base import PolicyContext, R2MModule
 from r2m.integrations.openrlhf.policy_side import PolicyStateStore
-from r2m.losses import bt_loss, gre_loss, grebt_loss, select_pairs
 
 ROUTINGS = ("full", "compact")
 
@@ -184,9 +181,7 @@ class R2MRewardSide:
         if self.routing == "full":
             hidden, cu_seqlens = feedback.hidden()
             return self.rm.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens)
-        vanilla = self.rm.vanilla_reward_from_rte(rte)
-        fused, usable = self._fused(rte, feedback, step, with_grad=False)
-        return torch.where(usable & torch.isfinite(fused), fused, vanilla)
+        return self.rm.reward_from_rte(rte, None, None, step, context=self._context(rte, feedback))
 
     def update(self, rte: Tensor, feedback: PolicyFeedback | None, rewards: Tensor, group_size: int,
                step: int) -> dict[str, float]:
@@ -197,104 +192,21 @@ class R2MRewardSide:
         if self.routing == "full":
             hidden, cu_seqlens = feedback.hidden()
             return self.rm.update(rte, hidden, None, rewards, group_size, step, cu_seqlens=cu_seqlens)
-        return self._compact_update(rte, feedback, rewards, group_size, step)
+        return self.rm.update(rte, None, None, rewards, group_size, step, context=self._context(rte, feedback))
 
-    def _compact_update(self, rte: Tensor, feedback: PolicyFeedback, rewards: Tensor, group_size: int,
-                        step: int) -> dict[str, float]:
-        start = time.perf_counter()
-        rm = self.rm
-        device = rm.head.weight.device
-        rewards = torch.as_tensor(rewards)
-        if rewards.dim() != 1 or rewards.shape[0] != rte.shape[0]:
-            raise ValueError(f"rewards must have shape [batch={rte.shape[0]}] (one annotation reward per sample), "
-                             f"got {tuple(rewards.shape)}")
-        rewards = rewards.float()
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"group_size must be an int >= 2 (responses per prompt), got {group_size!r}")
-        rank, world = _rank_and_world()
-        all_rewards = _all_gather(rewards.to(device), world)
-        if all_rewards.numel() % group_size:
-            raise ValueError(f"the batch has {all_rewards.numel()} samples in all, not a whole number of groups of "
-                             f"group_size={group_size}")
-        w = rm.omega_at(step)
-        stats = {"omega": w, "loss": 0.0, "bt": 0.0, "gre": 0.0}
-        groups = all_rewards.numel() // group_size
-        if not rm.config.trains:
-            return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "update_ms": 0.0}
-        fused, usable = self._fused(rte, feedback, step, with_grad=True)
-        sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
-        group_ok = sample_ok.view(groups, group_size).all(dim=1)
-        annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
-        winner, loser, has_pair = select_pairs(annotation[group_ok])
-        used = int(group_ok.sum())
-        for inner in range(rm.config.update_steps if used else 0):
-            if inner:
-                fused, _ = self._fused(rte, feedback, step, with_grad=True)
-            gathered = _all_gather(fused.detach(), world).requires_grad_(True)
-            group_rewards = gathered.view(groups, group_size)[group_ok]
-            loss = grebt_loss(group_rewards, winner, loser, rm.config.effective_alpha, has_pair)
-            loss.backward()
-            rm.optimizer.zero_grad(set_to_none=False)
-            fused.backward(gathered.grad.view(world, -1)[rank])
-            _step(rm, world)
-            with torch.no_grad():
-                bt = bt_loss(group_rewards.gather(1, winner[:, None]), group_rewards.gather(1, loser[:, None]))
-                stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()),
-                             bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
-        return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
-                "update_ms": 1000.0 * (time.perf_counter() - start)}
-
-    def _fused(self, rte: Tensor, feedback: PolicyFeedback, step: int, with_grad: bool) -> tuple[Tensor, Tensor]:
-        """Trainable reward [B] and which samples had finite inputs (non-finite RTEs are zeroed first)."""
-        rm = self.rm
-        if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != rm.rm_dim:
-            got = tuple(rte.shape) if isinstance(rte, Tensor) else type(rte).__name__
-            raise ValueError(f"rte must have shape [batch, rm_dim={rm.rm_dim}], got {got}")
+    def _context(self, rte: Tensor, feedback: PolicyFeedback) -> PolicyContext:
+        """"attend(u) -> c" on the policy actors: u travels there, c (and, in a backward, dc/du) travels back."""
         if len(feedback.keys) != rte.shape[0]:
             raise ValueError(f"the policy feedback describes {len(feedback.keys)} samples but rte has {rte.shape[0]}")
-        rte = rte.to(device=rm.head.weight.device, dtype=rm.head.weight.dtype)
-        usable = torch.isfinite(rte).all(dim=1)
-        rte = torch.where(usable[:, None], rte, torch.zeros_like(rte))
-        w = rm.omega_at(step)
-        with torch.set_grad_enabled(with_grad):
-            base = rm.base_reward(rte, None)
-            u = rm.fusion.query_vectors(rte)
-            context = _RemoteAttend.apply(u, feedback) if with_grad else feedback.attend(u)[0]
-            feature = rm.fusion.project_context(context)
-            fused = w * base + (1.0 - w) * rm.head(feature).squeeze(-1)
-        return fused, usable & feedback.ok.to(usable.device) & torch.isfinite(base)
+
+        def attend(u: Tensor) -> tuple[Tensor, Tensor]:
+            context = _RemoteAttend.apply(u, feedback) if torch.is_grad_enabled() else feedback.attend(u)[0]
+            return context, feedback.ok
+
+        return attend
 
 
 def _require(feedback: PolicyFeedback | None) -> PolicyFeedback:
     if feedback is None:
         raise ValueError("this R2M mode reads the policy's hidden states: pass the batch's PolicyFeedback")
     return feedback
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(tensor: Tensor, world: int) -> Tensor:
-    """Every rank's equal-sized 1-D slice, concatenated in rank order (identity on one process)."""
-    if world == 1:
-        return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"every rank must update on the same number of samples, got {[int(s) for s in sizes]}")
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def _step(rm: R2MModule, world: int) -> None:
-    params: list[nn.Parameter] = rm.trainable_parameters()
-    if world > 1:
-        for p in params:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-    if rm.config.max_grad_norm is not None:
-        nn.utils.clip_grad_norm_(params, rm.config.max_grad_norm)
-    rm.optimizer.step()
