@@ -1,15 +1,21 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test
+.PHONY: install install-openrlhf demo test
 
 # torch first, pinned to the local CPU wheel when none is installed: a looser requirement pulls a CUDA build.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e ".[all]"
 
-demo: install
-	r2m demo --out out/demo
+# OpenRLHF 0.11.2's pins cannot resolve here: it goes in without its dependencies, DeepSpeed without its ops.
+install-openrlhf: install
+	$(PIP) install -e ".[openrlhf]"
+	$(PIP) install --no-deps openrlhf==0.11.2
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.6
 
-test: install
+demo: install
+	$(PYTHON) -m r2m demo --out out/demo
+
+test: install-openrlhf
 	$(PYTHON) -m pytest

@@ -1,0 +1,5 @@
+import sys
+
+from r2m.cli import main
+
+sys.exit(main())
