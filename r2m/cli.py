@@ -9,8 +9,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("r2m.integrations.trl.demo", "GRPO with the vanilla RM and with R2M on the built-in tiny task"),
     "grpo": ("r2m.integrations.trl.cli", "train with TRL's GRPOTrainer and an R2M reward"),
     "rloo": ("r2m.integrations.trl.cli", "train with TRL's RLOOTrainer and an R2M reward"),
-    "bench": ("r2m.benchmarks", "run a benchmark: kernel | overhead | lab | accuracy"),
+    "bench": ("r2m.benchmarks", "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
 }
+BENCHMARKS = ("kernel", "overhead", "lab", "accuracy", "openrlhf_traffic")
 
 
 def _usage() -> str:
@@ -31,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _ = COMMANDS[command]
     if command == "bench":
         if not rest or rest[0] in ("-h", "--help"):
-            print("usage: r2m bench {kernel,overhead,lab,accuracy} [args...]")
+            print(f"usage: r2m bench {{{','.join(BENCHMARKS)}}} [args...]")
             return 0
+        if rest[0] not in BENCHMARKS:
+            print(f"r2m bench: unknown benchmark {rest[0]!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
         module_name, rest = f"r2m.benchmarks.{rest[0]}", rest[1:]
     elif command in ("grpo", "rloo"):
         rest = [command, *rest]
