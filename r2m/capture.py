@@ -12,11 +12,16 @@ Per sample the captured positions are the valid tokens except the last one: the 
 forward scores, which are also exactly the positions ``generate`` runs (the final sampled token is never fed
 back). Padding and tokens after the completion are excluded. A PEFT policy's reference pass (adapters disabled
 or another adapter active) runs through the same modules and is ignored.
+
+What is handed out is packed (`CapturedStates`): one gather of the valid positions per captured pass, with the
+positions chosen on the host from the masks, so no per-sample tensor work and no device sync beyond reading
+the masks and token ids.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,17 +31,96 @@ from torch import Tensor, nn
 
 @dataclass
 class CapturedStates:
-    """Per-sample policy states: ``hidden[i]`` is [S_i - 1, D_p] for the valid tokens ``tokens[i]`` (length S_i),
-    or None where sample i could not be taken from what was captured."""
+    """Policy states of a batch, packed.
 
-    hidden: list[Tensor | None]
+    Sample i's states (its valid positions but the last, in order) are ``hidden[cu_seqlens[i]:cu_seqlens[i + 1]]``
+    and its valid token ids are ``tokens[i]``. ``tokens[i]`` is None, and its slot empty, where sample i could not
+    be taken from what was captured. ``hidden`` [N, D] stays where it was captured (on CPU with offload) and is
+    None only when no sample was found; ``cu_seqlens`` [B + 1] is int64 on CPU.
+    """
+
+    hidden: Tensor | None
+    cu_seqlens: Tensor
     tokens: list[tuple[int, ...] | None]
+
+    @classmethod
+    def none_found(cls, count: int) -> CapturedStates:
+        return cls(None, torch.zeros(count + 1, dtype=torch.long), [None] * count)
+
+    @classmethod
+    def from_samples(cls, hidden: Sequence[Tensor | None], tokens: Sequence[tuple[int, ...] | None]
+                     ) -> CapturedStates:
+        """Per-sample [S_i - 1, D] tensors (None where missing) packed with one copy."""
+        present = [h for h in hidden if h is not None]
+        if not present:
+            return cls.none_found(len(hidden))
+        lengths = torch.tensor([0 if h is None else h.shape[0] for h in hidden], dtype=torch.long)
+        return cls(torch.cat(present), _offsets(lengths), list(tokens))
+
+    @classmethod
+    def concat(cls, parts: Sequence[CapturedStates]) -> CapturedStates:
+        """The samples of ``parts`` one after the other."""
+        tokens = [t for part in parts for t in part.tokens]
+        present = [part.hidden for part in parts if part.hidden is not None]
+        if not present:
+            return cls.none_found(len(tokens))
+        lengths = torch.cat([part.cu_seqlens.diff() for part in parts])
+        return cls(present[0] if len(present) == 1 else torch.cat(present), _offsets(lengths), tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def missing(self) -> list[int]:
+        """Indices of the samples that were not found."""
+        return [i for i, tokens in enumerate(self.tokens) if tokens is None]
+
+    def sample(self, i: int) -> Tensor | None:
+        """Sample i's states [S_i - 1, D] (a view), None when it was not found."""
+        if self.tokens[i] is None:
+            return None
+        return self.hidden[int(self.cu_seqlens[i]):int(self.cu_seqlens[i + 1])]
+
+    def replace(self, indices: Sequence[int], other: CapturedStates) -> CapturedStates:
+        """These states with samples ``indices`` taken from ``other``, which holds exactly those samples in order."""
+        source = {index: j for j, index in enumerate(indices)}
+        hidden = [other.sample(source[i]) if i in source else self.sample(i) for i in range(len(self))]
+        tokens = [other.tokens[source[i]] if i in source else self.tokens[i] for i in range(len(self))]
+        return CapturedStates.from_samples(hidden, tokens)
+
+    def copy_samples_(self, rows: Sequence[int], source: CapturedStates, source_rows: Sequence[int]) -> None:
+        """Overwrite, in place, the states of samples ``rows`` by those of ``source``'s ``source_rows`` (one gather
+        and one scatter). The storage is promoted to a wider dtype that ``source`` brings."""
+        if not rows:
+            return
+        rows_t, src_t = torch.as_tensor(list(rows)), torch.as_tensor(list(source_rows))
+        src_start = source.cu_seqlens[src_t]
+        lengths = source.cu_seqlens[src_t + 1] - src_start
+        dst_start = self.cu_seqlens[rows_t]
+        if not torch.equal(self.cu_seqlens[rows_t + 1] - dst_start, lengths):
+            raise ValueError("copy_samples_: the source samples do not have the lengths of the samples they replace")
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        values = source.hidden.index_select(0, (torch.repeat_interleave(src_start, lengths) + within)
+                                            .to(source.hidden.device))
+        dtype = torch.promote_types(self.hidden.dtype, values.dtype)
+        if dtype != self.hidden.dtype:
+            self.hidden = self.hidden.to(dtype)
+        destination = (torch.repeat_interleave(dst_start, lengths) + within).to(self.hidden.device)
+        self.hidden.index_copy_(0, destination, values.to(device=self.hidden.device, dtype=dtype))
+
+    def nonfinite_samples(self) -> int:
+        """How many samples hold a non-finite state (one reduction when all are finite)."""
+        if self.hidden is None or bool(torch.isfinite(self.hidden.sum())):
+            return 0
+        finite = torch.isfinite(self.hidden).all(dim=-1)
+        bad = torch.cat([finite.new_zeros(1, dtype=torch.long), (~finite).long().cumsum(0)]).cpu()
+        return int(((bad[self.cu_seqlens[1:]] - bad[self.cu_seqlens[:-1]]) > 0).sum())
 
 
 @dataclass
 class _Forward:
     input_ids: Tensor | None
-    attention_mask: Tensor
+    attention_mask: Tensor | None  # None for a decode step
     hidden: Tensor
 
 
@@ -61,21 +145,11 @@ def find_backbone(model: nn.Module) -> nn.Module:
                      f"(with `base_model_prefix` or `get_decoder()`) or the body itself as `module`")
 
 
-def pack(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-sample [S_i, D] tensors -> packed [sum S_i, D] and cu_seqlens [B + 1] (int32)."""
-    if not states:
-        raise ValueError("pack needs at least one sample")
-    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.int32)
-    cu_seqlens = torch.zeros(len(states) + 1, dtype=torch.int32)
-    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-    return torch.cat(list(states)), cu_seqlens.to(states[0].device)
-
-
 class HiddenStateCapture:
     """Forward hook on a causal LM's body that keeps the policy's last-layer hidden states.
 
-    ``offload`` moves what is kept to CPU. ``keep_generation`` / ``keep_forwards`` choose what is stored between
-    `pop_*` calls (the refresh listener ``on_train_forward`` is called either way).
+    ``offload`` moves what is handed out to CPU. ``keep_generation`` / ``keep_forwards`` choose what is stored
+    between `pop_*` calls (the refresh listener ``on_train_forward`` is called either way).
     """
 
     def __init__(self, model: nn.Module, module: nn.Module | None = None, offload: bool = False,
@@ -120,41 +194,40 @@ class HiddenStateCapture:
     def pop_generation(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
         """States of the last ``generate`` call, stitched for each sample as valid prompt + ``completions[i]``.
 
-        A sample whose fed-back tokens differ from its completion (or a batch of another size) gets None.
+        A sample whose fed-back tokens differ from its completion (or a batch of another size) is not found.
         """
         trace, self._generation = self._generation, []
         count = len(completions)
-        result = CapturedStates([None] * count, [None] * count)
         if not trace or trace[0].hidden.shape[0] != count or trace[0].input_ids is None:
-            return result
+            return CapturedStates.none_found(count)
         prefill, steps = trace[0], trace[1:]
-        if any(step.input_ids is None for step in steps):
-            return result
-        fed = torch.cat([step.input_ids for step in steps], dim=1).cpu() if steps else None
-        decoded = torch.cat([step.hidden for step in steps], dim=1) if steps else None
-        prompt_mask = prefill.attention_mask.bool().cpu()
-        prompt_ids = prefill.input_ids.cpu()
-        for i, completion in enumerate(completions):
-            completion = list(completion)
-            if not completion:
-                continue
-            length = len(completion) - 1
-            if length > (0 if fed is None else fed.shape[1]):
-                continue
-            if length and fed[i, :length].tolist() != completion[:length]:
-                continue
-            prompt = prompt_mask[i]
-            parts = [_select(prefill.hidden[i], prompt)] + ([decoded[i, :length]] if length else [])
-            result.hidden[i] = self._keep(torch.cat(parts))
-            result.tokens[i] = tuple(prompt_ids[i, prompt].tolist() + completion)
-        return result
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+        width = min(len(steps), max(int(lengths.max()) - 1, 0))
+        fed_ok = (lengths >= 1) & (lengths - 1 <= len(steps))
+        decoded = torch.arange(width)[None, :] < (lengths - 1)[:, None]
+        if width:
+            if any(step.input_ids is None for step in steps[:width]):
+                return CapturedStates.none_found(count)
+            fed = torch.cat([step.input_ids for step in steps[:width]], dim=1).cpu()
+            wanted = torch.tensor([list(c[:width]) + [-1] * (width - len(c[:width])) for c in completions],
+                                  dtype=fed.dtype)
+            fed_ok &= ((fed == wanted) | ~decoded).all(dim=1)
+        prompt_mask = prefill.attention_mask.bool().cpu() & fed_ok[:, None]
+        keep = torch.cat([prompt_mask, decoded & fed_ok[:, None]], dim=1)
+        hidden = prefill.hidden
+        if width:
+            hidden = torch.cat([hidden, *(step.hidden for step in steps[:width])], dim=1)
+        packed, kept = _gather(hidden, keep)
+        prompts = _row_tokens(prefill.input_ids.cpu(), prompt_mask)
+        tokens = [p + tuple(c) if ok else None
+                  for p, c, ok in zip(prompts, completions, fed_ok.tolist(), strict=True)]
+        return CapturedStates(self._keep(packed), _offsets(kept), tokens)
 
     def pop_forwards(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
         """States of the most recent full no-grad forwards that together hold exactly ``len(completions)`` rows
-        (a trainer's log-prob pass runs in chunks). Row i must end with ``completions[i]``, or it gets None."""
+        (a trainer's log-prob pass runs in chunks). Row i must end with ``completions[i]``, or it is not found."""
         records, self._forwards = self._forwards, []
         count = len(completions)
-        result = CapturedStates([None] * count, [None] * count)
         chosen, rows = [], 0
         for record in reversed(records):
             if rows >= count:
@@ -162,16 +235,22 @@ class HiddenStateCapture:
             chosen.insert(0, record)
             rows += record.hidden.shape[0]
         if rows != count:
-            return result
-        i = 0
+            return CapturedStates.none_found(count)
+        parts, start = [], 0
         for record in chosen:
-            states = _valid_states(record)
-            for hidden, tokens in zip(*states, strict=True):
-                completion = tuple(completions[i])
-                if tokens is not None and completion and tokens[-len(completion):] == completion:
-                    result.hidden[i], result.tokens[i] = self._keep(hidden), tokens
-                i += 1
-        return result
+            mask = record.attention_mask.bool().cpu()
+            size = mask.shape[0]
+            row_tokens = [None] * size if record.input_ids is None else _row_tokens(record.input_ids.cpu(), mask)
+            ok = [t is not None and len(c) > 0 and t[-len(c):] == tuple(c)
+                  for t, c in zip(row_tokens, completions[start:start + size], strict=True)]
+            packed, kept = _gather(record.hidden, _valid_but_last(mask) & torch.tensor(ok)[:, None])
+            parts.append(CapturedStates(packed, _offsets(kept),
+                                        [t if found else None for t, found in zip(row_tokens, ok, strict=True)]))
+            start += size
+        states = CapturedStates.concat(parts)
+        if states.hidden is not None:
+            states.hidden = self._keep(states.hidden)
+        return states
 
     @torch.no_grad()
     def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> CapturedStates:
@@ -185,23 +264,18 @@ class HiddenStateCapture:
         keep, self.keep_forwards = self.keep_forwards, True
         previous, self._forwards = self._forwards, []
         attached = self._handle is not None
-        result = CapturedStates([], [])
+        parts = []
         try:
             self.attach()
             for start in range(0, len(sequences), batch_size):
-                chunk = sequences[start:start + batch_size]
+                chunk = [list(s) for s in sequences[start:start + batch_size]]
                 width = max(len(s) for s in chunk)
-                input_ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-                attention_mask = torch.zeros_like(input_ids)
-                for i, seq in enumerate(chunk):
-                    input_ids[i, : len(seq)] = torch.as_tensor(list(seq), device=device)
-                    attention_mask[i, : len(seq)] = 1
+                input_ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk]).to(device)
+                attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk]).to(device)
                 kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep else {}
                 self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-                states = self.pop_forwards(chunk)
-                result.hidden += states.hidden
-                result.tokens += states.tokens
-            return result
+                parts.append(self.pop_forwards(chunk))
+            return CapturedStates.concat(parts)
         finally:
             self.keep_forwards, self._forwards = keep, previous
             if not attached:
@@ -211,28 +285,27 @@ class HiddenStateCapture:
         if self._is_reference_pass():
             return
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden = hidden.detach() if hidden.requires_grad else hidden
         named = dict(zip(self._params, args, strict=False)) | kwargs
         input_ids, mask, cache = named.get("input_ids"), named.get("attention_mask"), named.get("past_key_values")
-        hidden = hidden.detach()
-        if mask is not None and mask.dim() == 2:
-            seen = mask.shape[1]
-        else:
-            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else hidden.shape[1]
-        record = _Forward(None if input_ids is None else input_ids.detach(), mask.detach(), hidden)
+        mask = mask if mask is not None and mask.dim() == 2 else None
         if cache is not None and named.get("use_cache", True) is not False:
             if not self.keep_generation:
                 return
+            seen = mask.shape[1] if mask is not None else (
+                cache.get_seq_length() if hasattr(cache, "get_seq_length") else hidden.shape[1])
             if seen == hidden.shape[1]:
-                self._generation, self._forwards = [record], []
+                self._generation, self._forwards = [_Forward(input_ids, _full_mask(mask, hidden), hidden)], []
             elif self._generation:
-                self._generation.append(record)
+                self._generation.append(_Forward(input_ids, None, hidden))
         elif torch.is_grad_enabled() and module.training:
-            if self.on_train_forward is not None:
-                hiddens, tokens = _valid_states(record)
-                self.on_train_forward(CapturedStates([self._keep(h) for h in hiddens], tokens))
+            if self.on_train_forward is not None and input_ids is not None:
+                mask = _full_mask(mask, hidden).bool().cpu()
+                packed, kept = _gather(hidden, _valid_but_last(mask))
+                self.on_train_forward(CapturedStates(self._keep(packed), _offsets(kept),
+                                                     _row_tokens(input_ids.cpu(), mask)))
         elif self.keep_forwards:
-            self._forwards.append(record)
+            self._forwards.append(_Forward(input_ids, _full_mask(mask, hidden), hidden))
 
     def _is_reference_pass(self) -> bool:
         return self._tuner is not None and (bool(self._tuner.disable_adapters)
@@ -251,25 +324,32 @@ def _is_adapter_layer(module: nn.Module) -> bool:
                for name in ("disable_adapters", "active_adapters"))
 
 
-def _valid_states(record: _Forward) -> tuple[list[Tensor], list[tuple[int, ...] | None]]:
-    """Per row: hidden states at the valid positions but the last, and the valid token ids."""
-    mask = record.attention_mask.bool().cpu()
-    ids = None if record.input_ids is None else record.input_ids.cpu()
-    hiddens, tokens = [], []
-    for i in range(record.hidden.shape[0]):
-        valid = mask[i]
-        hiddens.append(_select(record.hidden[i], valid)[:-1].clone())
-        tokens.append(None if ids is None else tuple(ids[i, valid].tolist()))
-    return hiddens, tokens
+def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:
+    return mask if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
 
 
-def _select(rows: Tensor, valid: Tensor) -> Tensor:
-    """``rows[valid]`` for a CPU bool mask; a slice when the valid positions are contiguous (padding only at the
-    ends, as trainers lay out prompt + completion), so a device tensor needs no host sync."""
-    positions = valid.nonzero().flatten()
-    if positions.numel() == 0:
-        return rows[:0]
-    start, stop = int(positions[0]), int(positions[-1]) + 1
-    if stop - start == positions.numel():
-        return rows[start:stop]
-    return rows[positions.to(rows.device)]
+def _valid_but_last(mask: Tensor) -> Tensor:
+    """[B, S] bool: each row's valid positions except its last valid one (the S-1 scored positions)."""
+    positions = torch.arange(mask.shape[1])
+    last = (positions * mask).argmax(dim=1)
+    return mask & (positions[None, :] != last[:, None])
+
+
+def _gather(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden [B, S, D] at the positions ``keep`` [B, S] (bool, CPU), row by row in order: packed [N, D] (a new
+    tensor, so the pass's activations are not pinned) and the count per row [B]."""
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    packed = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device))
+    return packed, keep.sum(dim=1)
+
+
+def _row_tokens(input_ids: Tensor, mask: Tensor) -> list[tuple[int, ...]]:
+    """Each row's token ids where ``mask`` (CPU tensors)."""
+    flat = input_ids[mask].tolist()
+    bounds = _offsets(mask.sum(dim=1)).tolist()
+    return [tuple(flat[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _offsets(lengths: Tensor) -> Tensor:
+    """cu_seqlens [B + 1] (int64, CPU) of per-sample lengths [B]."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.long().cpu().cumsum(0)])

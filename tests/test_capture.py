@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from r2m import tiny
-from r2m.capture import HiddenStateCapture, _select, find_backbone, pack
+from r2m.capture import CapturedStates, HiddenStateCapture, _gather, _valid_but_last, find_backbone
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
 
@@ -40,7 +40,9 @@ def test_stitched_generation_equals_full_forward(family):
         generated = out[:, ids.shape[1]:].tolist()
         completions = [generated[0], generated[1][:3], generated[2][:1], generated[3][:5]]  # as if EOS came early
         states = capture.pop_generation(completions)
-    for prompt, completion, hidden, tokens in zip(PROMPTS, completions, states.hidden, states.tokens, strict=True):
+    assert states.missing == [] and states.hidden.shape == (states.cu_seqlens[-1], 32)
+    for i, (prompt, completion, tokens) in enumerate(zip(PROMPTS, completions, states.tokens, strict=True)):
+        hidden = states.sample(i)
         assert tokens == tuple(prompt + completion)
         expected = reference_states(policy, prompt + completion)
         assert hidden.shape == expected.shape == (len(prompt) + len(completion) - 1, 32)
@@ -57,9 +59,11 @@ def test_generation_mismatch_gives_none_and_trace_is_consumed():
         completions[1] = [completions[1][0] + 1, *completions[1][1:]]  # not what was fed back
         completions[2] = completions[2] + [4, 4]  # longer than what was generated
         states = capture.pop_generation(completions)
-        assert states.hidden[0] is not None and states.hidden[3] is not None
-        assert states.hidden[1] is None and states.hidden[2] is None
-        assert capture.pop_generation(completions).hidden == [None] * 4
+        assert states.missing == [1, 2] and states.sample(1) is None and states.sample(2) is None
+        for i in (0, 3):
+            expected = reference_states(policy, PROMPTS[i] + completions[i])
+            torch.testing.assert_close(states.sample(i), expected, rtol=1e-5, atol=1e-5)
+        assert capture.pop_generation(completions).missing == [0, 1, 2, 3]
 
 
 def test_chunked_forwards_are_reused_row_by_row():
@@ -75,11 +79,11 @@ def test_chunked_forwards_are_reused_row_by_row():
         for chunk in (slice(0, 2), slice(2, 4)):  # a trainer's log-prob pass in chunks of 2
             policy(input_ids=input_ids[chunk], attention_mask=attention_mask[chunk], use_cache=False)
         states = capture.pop_forwards([completions[0], completions[1], [99], completions[3]])
-    assert states.hidden[2] is None and states.tokens[2] is None
+    assert states.missing == [2] and states.sample(2) is None and states.tokens[2] is None
     for i in (0, 1, 3):
         expected = reference_states(policy, PROMPTS[i] + completions[i])
         assert states.tokens[i] == tuple(PROMPTS[i] + completions[i])
-        torch.testing.assert_close(states.hidden[i], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(states.sample(i), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_extra_forward_and_training_listener():
@@ -89,16 +93,20 @@ def test_extra_forward_and_training_listener():
     capture = HiddenStateCapture(policy, offload=True, on_train_forward=seen.append)
     states = capture.forward(sequences)
     assert capture._handle is None
-    for sequence, hidden in zip(sequences, states.hidden, strict=True):
-        assert hidden.device.type == "cpu"
-        torch.testing.assert_close(hidden, reference_states(policy, sequence), rtol=1e-5, atol=1e-5)
+    assert states.hidden.device.type == "cpu" and states.missing == []
+    for i, sequence in enumerate(sequences):
+        torch.testing.assert_close(states.sample(i), reference_states(policy, sequence), rtol=1e-5, atol=1e-5)
     policy.train()
     with capture:
+        torch.manual_seed(3)
         loss = policy(input_ids=torch.tensor(sequences[:1]), labels=torch.tensor(sequences[:1])).loss
         loss.backward()
-        assert capture.pop_forwards([sequences[0]]).hidden == [None]  # a training pass is not kept for rewards
+        assert capture.pop_forwards([sequences[0]]).missing == [0]  # a training pass is not kept for rewards
     assert len(seen) == 1 and seen[0].tokens == [tuple(sequences[0])]
-    assert not seen[0].hidden[0].requires_grad and seen[0].hidden[0].shape == (3, 32)
+    assert not seen[0].hidden.requires_grad and seen[0].sample(0).shape == (3, 32)
+    torch.manual_seed(3)  # the same dropout masks
+    expected = find_backbone(policy)(input_ids=torch.tensor(sequences[:1])).last_hidden_state[0, :-1]
+    torch.testing.assert_close(seen[0].sample(0), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_reference_pass_is_not_captured():
@@ -112,7 +120,7 @@ def test_peft_reference_pass_is_not_captured():
         with model.disable_adapter():
             model(input_ids=torch.tensor(sequence))
         assert len(capture._forwards) == 1
-        policy_states = capture.pop_forwards(sequence).hidden[0]
+        policy_states = capture.pop_forwards(sequence).sample(0)
     with torch.no_grad():
         adapted = find_backbone(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
         with model.disable_adapter():
@@ -121,19 +129,36 @@ def test_peft_reference_pass_is_not_captured():
     assert not torch.allclose(adapted, base)
 
 
-def test_select_slices_contiguous_positions_and_gathers_the_rest():
-    rows = torch.arange(6.0)[:, None]
-    contiguous = _select(rows, torch.tensor([0, 1, 1, 1, 0, 0]).bool())
-    assert contiguous.tolist() == [[1.0], [2.0], [3.0]] and contiguous.data_ptr() == rows[1].data_ptr()
-    assert _select(rows, torch.tensor([1, 0, 1, 1, 0, 1]).bool()).tolist() == [[0.0], [2.0], [3.0], [5.0]]
-    assert _select(rows, torch.zeros(6, dtype=torch.bool)).shape == (0, 1)
+def test_gather_keeps_the_valid_positions_but_the_last_row_by_row():
+    hidden = torch.arange(12.0).view(2, 6, 1)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 0, 1, 1, 0, 1]]).bool()  # left/right padding; holes
+    keep = _valid_but_last(mask)
+    assert keep.tolist() == [[False, True, True, False, False, False], [True, False, True, True, False, False]]
+    packed, kept = _gather(hidden, keep)
+    assert packed.flatten().tolist() == [1.0, 2.0, 6.0, 8.0, 9.0] and kept.tolist() == [2, 3]
+    assert packed.data_ptr() != hidden.data_ptr()  # a copy: the pass's activations are not pinned
+    assert _valid_but_last(torch.zeros(1, 3, dtype=torch.bool)).sum() == 0
 
 
-def test_pack():
-    packed, cu = pack([torch.ones(2, 3), torch.zeros(0, 3), torch.ones(1, 3)])
-    assert packed.shape == (3, 3) and cu.tolist() == [0, 2, 2, 3] and cu.dtype == torch.int32
-    with pytest.raises(ValueError, match="at least one"):
-        pack([])
+def test_captured_states_pack_replace_copy_and_count():
+    a, b = torch.ones(2, 3), torch.full((1, 3), 2.0)
+    states = CapturedStates.from_samples([a, None, b], [(1, 2, 3), None, (4, 5)])
+    assert states.cu_seqlens.tolist() == [0, 2, 2, 3] and states.missing == [1] and states.sample(1) is None
+    filled = states.replace([1], CapturedStates.from_samples([torch.zeros(4, 3)], [(6,) * 5]))
+    assert filled.missing == [] and filled.cu_seqlens.tolist() == [0, 2, 6, 7] and filled.tokens[1] == (6,) * 5
+    assert torch.equal(filled.sample(2), b) and filled.nonfinite_samples() == 0
+
+    source = CapturedStates.from_samples([torch.full((1, 3), 7.0), torch.full((2, 3), 9.0, dtype=torch.float64)],
+                                         [(4, 5), (1, 2, 3)])
+    filled.copy_samples_([2, 0], source, [0, 1])
+    assert filled.hidden.dtype == torch.float64  # promoted: the refresh keeps the wider dtype
+    assert filled.sample(0).eq(9.0).all() and filled.sample(2).eq(7.0).all() and filled.sample(1).eq(0.0).all()
+    with pytest.raises(ValueError, match="lengths"):
+        filled.copy_samples_([1], source, [0])
+
+    filled.hidden[3, 1] = float("nan")
+    assert filled.nonfinite_samples() == 1
+    assert CapturedStates.concat([filled, CapturedStates.none_found(2)]).cu_seqlens.tolist() == [0, 2, 6, 7, 7, 7]
 
 
 def test_find_backbone_rejects_a_bare_module():

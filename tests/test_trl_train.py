@@ -1,5 +1,6 @@
 """R2MReward inside real TRL GRPOTrainer / RLOOTrainer runs on tiny models (CPU)."""
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -166,14 +167,15 @@ def test_lora_policy_reference_pass_is_not_captured(tmp_path):
     trainer.train()
     model = trainer.model
     body = model.get_base_model().model
-    (hidden, tokens, extra), = used
-    assert extra == 0 and reward.capture_plan == "forward"
+    (states, extra), = used
+    assert extra == 0 and reward.capture_plan == "forward" and states.missing == []
     with torch.no_grad():
-        for states, sequence in zip(hidden, tokens, strict=True):
+        for i, sequence in enumerate(states.tokens):
             ids = torch.tensor([sequence])
-            torch.testing.assert_close(states, body(input_ids=ids).last_hidden_state[0, :-1], rtol=1e-5, atol=1e-5)
+            sample = states.sample(i)
+            torch.testing.assert_close(sample, body(input_ids=ids).last_hidden_state[0, :-1], rtol=1e-5, atol=1e-5)
             with model.disable_adapter():
-                assert not torch.allclose(states, body(input_ids=ids).last_hidden_state[0, :-1], atol=1e-3)
+                assert not torch.allclose(sample, body(input_ids=ids).last_hidden_state[0, :-1], atol=1e-3)
 
 
 @pytest.mark.slow
@@ -249,17 +251,18 @@ def test_states_stitched_during_generate_equal_a_full_forward(tmp_path):
     reward = R2MReward(reward_model, reward_tokenizer, config=config())
     used = []
     policy_states = reward._policy_states
-    reward._policy_states = lambda *a: used.append(policy_states(*a)) or (used[-1][0][:], *used[-1][1:])
+    # a copy of what annotation saw: the refresh later overwrites the batch's states in place
+    reward._policy_states = lambda *a: used.append(copy.deepcopy(policy_states(*a))) or copy.deepcopy(used[-1])
     train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=1, learning_rate=0.0,
           per_device_train_batch_size=12)
-    (hidden, tokens, extra), = used
-    assert extra == 0 and reward.capture_plan == "generation"
-    assert len({len(t) for t in tokens}) > 1  # ragged prompts: generation ran left-padded
+    (states, extra), = used
+    assert extra == 0 and reward.capture_plan == "generation" and states.missing == []
+    assert len({len(t) for t in states.tokens}) > 1  # ragged prompts: generation ran left-padded
     body = policy.model
     with torch.no_grad():
-        for states, sequence in zip(hidden, tokens, strict=True):
+        for i, sequence in enumerate(states.tokens):
             expected = body(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
-            torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(states.sample(i), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_update_metrics_without_a_trainer_metric_store_go_out_with_the_next_batch():

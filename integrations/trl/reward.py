@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
-from r2m.capture import CapturedStates, HiddenStateCapture, pack
+from r2m.capture import CapturedStates, HiddenStateCapture
 from r2m.config import R2MConfig
 from r2m.reward_model import R2MRewardModel, find_body, find_score_head
 
@@ -43,7 +43,7 @@ class _Batch:
     """One training generation batch of this process, kept until the policy has finished optimising on it."""
 
     rte: Tensor
-    hidden: list[Tensor] | None
+    states: CapturedStates | None
     rewards: Tensor
     step: int
     start: int
@@ -131,27 +131,25 @@ class R2MReward(TrainerCallback):
         encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt", padding=True,
                                  padding_side="right", add_special_tokens=False)
         rte = self.r2m.rte(encoded["input_ids"], encoded["attention_mask"])
-        hidden, tokens, extra, packed, cu_seqlens = None, [], 0, None, None
-        if self.config.uses_fusion:
-            hidden, tokens, extra = self._policy_states(prompts, completion_ids)
-            packed, cu_seqlens = pack(hidden)
-        rewards = self.r2m.reward_from_rte(rte, packed, None, step, cu_seqlens=cu_seqlens)
+        states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
+        hidden, mask, cu_seqlens = _packed(states)
+        rewards = self.r2m.reward_from_rte(rte, hidden, mask, step, cu_seqlens=cu_seqlens)
         vanilla = self.r2m.vanilla_reward_from_rte(rte)
         finite = torch.isfinite(rewards)
         training = self._policy.training
         if training:
             self._log_metric = log_metric
             keys: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            for i, key in enumerate(tokens):
+            for i, key in enumerate(states.tokens if states is not None else ()):
                 keys[key].append(i)
-            self._pending.append(_Batch(rte, hidden, torch.where(finite, rewards, torch.nan), step,
+            self._pending.append(_Batch(rte, states, torch.where(finite, rewards, torch.nan), step,
                                         self._micro_steps, dict(keys)))
         if log_metric is not None:
             metrics = {"r2m/reward_mean": _mean(rewards[finite]),
                        "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
                        "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(rewards),
                        "r2m/reward_nonfinite": float((~finite).sum()),
-                       "r2m/hidden_nonfinite": float(sum(not bool(torch.isfinite(h).all()) for h in hidden or []))}
+                       "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
             if training:
                 metrics.update({k: sum(v) / len(v) for k, v in self._queued_metrics.items()})
                 self._queued_metrics.clear()
@@ -251,18 +249,18 @@ class R2MReward(TrainerCallback):
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
 
-    def _policy_states(self, prompts: list, completion_ids: list[list[int]]
-                       ) -> tuple[list[Tensor], list[tuple[int, ...]], int]:
-        """Per-sample policy states taken from the planned source; the rest from one extra no-grad forward."""
+    def _policy_states(self, prompts: list, completion_ids: list[list[int]]) -> tuple[CapturedStates, int]:
+        """The batch's policy states taken from the planned source, the rest from one extra no-grad forward; and
+        how many samples needed it."""
         completions = [list(c) for c in completion_ids]
         if self.capture_plan == "forward":
             states = self._capture.pop_forwards(completions)
         elif self.capture_plan == "generation":
             states = self._capture.pop_generation(completions)
         else:
-            states = CapturedStates([None] * len(completions), [None] * len(completions))
+            states = CapturedStates.none_found(len(completions))
         self._capture.clear()
-        missing = [i for i, hidden in enumerate(states.hidden) if hidden is None]
+        missing = states.missing
         self.capture_counts[self.capture_plan] += len(completions) - len(missing)
         if missing:
             if self.capture_plan != "extra":
@@ -271,11 +269,10 @@ class R2MReward(TrainerCallback):
             prompt_ids = self._prompt_ids([prompts[i] for i in missing])
             sequences = [list(p) + completions[i] for p, i in zip(prompt_ids, missing, strict=True)]
             extra = self._capture.forward(sequences, batch_size=self._forward_batch_size)
-            for j, i in enumerate(missing):
-                states.hidden[i], states.tokens[i] = extra.hidden[j], extra.tokens[j]
+            states = extra if len(missing) == len(completions) else states.replace(missing, extra)
             self.capture_counts["extra"] += len(missing)
             self.extra_forwards += 1
-        return states.hidden, states.tokens, len(missing)
+        return states, len(missing)
 
     def _prompt_ids(self, prompts: list) -> list[list[int]]:
         """The prompt token ids exactly as TRL's trainers build them for text-only policies."""
@@ -287,14 +284,19 @@ class R2MReward(TrainerCallback):
 
     def _refresh(self, captured: CapturedStates) -> None:
         """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
-        for hidden, key in zip(captured.hidden, captured.tokens, strict=True):
-            for batch in reversed(self._pending):
-                rows = batch.keys.get(key)
+        copies: dict[int, tuple[list[int], list[int]]] = {}
+        for source, key in enumerate(captured.tokens):
+            for index in range(len(self._pending) - 1, -1, -1):
+                rows = self._pending[index].keys.get(key)
                 if rows:
-                    for i in rows:
-                        batch.hidden[i] = hidden
-                        batch.refreshed.add(i)
+                    targets, sources = copies.setdefault(index, ([], []))
+                    targets += rows
+                    sources += [source] * len(rows)
                     break
+        for index, (targets, sources) in copies.items():
+            batch = self._pending[index]
+            batch.states.copy_samples_(targets, captured, sources)
+            batch.refreshed.update(targets)
 
     def _advance(self) -> None:
         self._micro_steps += 1
@@ -302,8 +304,8 @@ class R2MReward(TrainerCallback):
             self._update(self._pending.pop(0))
 
     def _update(self, batch: _Batch) -> None:
-        packed, cu_seqlens = pack(batch.hidden) if batch.hidden is not None else (None, None)
-        stats = self.r2m.update(batch.rte, packed, None, batch.rewards, self._group_size, batch.step,
+        hidden, mask, cu_seqlens = _packed(batch.states)
+        stats = self.r2m.update(batch.rte, hidden, mask, batch.rewards, self._group_size, batch.step,
                                 cu_seqlens=cu_seqlens)
         stats["refreshed"] = len(batch.refreshed) / len(batch.rewards)
         self.update_stats.append(stats)
@@ -366,6 +368,11 @@ def _find_checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
     raise FileNotFoundError(f"training resumes at step {state.global_step} but no R2M state for that step was found "
                             f"in {[str(c) for c in candidates]}; call r2m_reward.load_checkpoint(<checkpoint dir>) "
                             f"before trainer.train(resume_from_checkpoint=...)")
+
+
+def _packed(states: CapturedStates | None) -> tuple[Tensor | None, None, Tensor | None]:
+    """(hidden, mask, cu_seqlens) arguments of the core for packed states (None when no states are used)."""
+    return (None, None, None) if states is None else (states.hidden, None, states.cu_seqlens)
 
 
 def _mean(values: Tensor) -> float:
