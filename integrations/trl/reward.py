@@ -27,9 +27,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
+from r2m.adapters import GenerativeJudge
+from r2m.base import R2MModule
 from r2m.capture import CapturedStates, HiddenStateCapture
 from r2m.config import R2MConfig
+from r2m.judge_model import R2MJudgeModel
 from r2m.reward_model import R2MRewardModel, find_body, find_score_head
+from r2m.wrap import wrap
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class _Batch:
     rte: Tensor
     states: CapturedStates | None
     rewards: Tensor
+    base_rewards: Tensor | None
     step: int
     start: int
     keys: dict[tuple[int, ...], list[int]]
@@ -60,12 +65,19 @@ class R2MReward(TrainerCallback):
 
     ``reward_model``: a Hugging Face ``*ForSequenceClassification`` model (num_labels=1), a local path loaded
     with ``AutoModelForSequenceClassification`` (``model_init_kwargs`` are passed on; ``trust_remote_code`` stays
-    off unless given there), or an already wrapped `r2m.R2MRewardModel`. ``reward_tokenizer`` defaults to the
-    path's tokenizer. The policy's hidden states come from forwards the trainer already runs (see `capture_plan`);
+    off unless given there), an already wrapped `r2m.R2MRewardModel`, or a generative judge from ``r2m.adapters``
+    running a local model (``TransformersBackend``). ``reward_tokenizer`` defaults to the path's tokenizer; a judge
+    brings its own. The policy's hidden states come from forwards the trainer already runs (see `capture_plan`);
     the fusion and head are updated once per generation batch, after the policy's last pass over it, and saved
     with the trainer's checkpoints.
 
-    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's own score),
+    With a judge (SPEC 7.3) each call runs ``judge.score`` once: its rewards are r_base of
+    r = w(t) r_base + (1 - w(t)) phi(Ĥ) and its hidden state at the end of its input is the RTE (both cached for the
+    update); its text and counts go to TRL through ``judge.log``. A completion the judge gave no reward gets None,
+    and its group is skipped in the update.
+
+    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's own
+    score),
     ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy forward),
     ``r2m/reward_nonfinite`` (rewards returned as None), ``r2m/hidden_nonfinite`` (samples scored with the vanilla
     reward because their hidden states were not finite) and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``,
@@ -73,30 +85,40 @@ class R2MReward(TrainerCallback):
     training pass).
     """
 
-    def __init__(self, reward_model: nn.Module | str | os.PathLike,
+    def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
                  reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
                  name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None):
-        if isinstance(reward_model, R2MRewardModel):
+        self.judge: GenerativeJudge | None = None
+        self.r2m: R2MModule | None = None
+        if isinstance(reward_model, GenerativeJudge):
+            model = _judge_model(reward_model)
+            if reward_tokenizer is not None:
+                raise ValueError("reward_tokenizer is not used with a judge: the judge's backend has its own tokenizer")
+            self.judge = reward_model
+        elif isinstance(reward_model, R2MJudgeModel):
+            raise TypeError("R2MReward builds the R2MJudgeModel itself: pass the r2m.adapters judge (it writes the "
+                            "judge's prompts and reads its verdicts), not an R2MJudgeModel")
+        elif isinstance(reward_model, R2MRewardModel):
             if config is not None and config != reward_model.config:
                 raise ValueError("config differs from the config of the given R2MRewardModel: pass one or the other")
-            self.r2m: R2MRewardModel | None = reward_model
+            self.r2m = reward_model
             model = reward_model.reward_model
             config = reward_model.config
         elif isinstance(reward_model, (str, os.PathLike)):
-            self.r2m = None
             model = AutoModelForSequenceClassification.from_pretrained(reward_model, **(model_init_kwargs or {}))
         elif isinstance(reward_model, nn.Module):
-            self.r2m, model = None, reward_model
+            model = reward_model
         else:
             raise TypeError(f"reward_model must be a Hugging Face *ForSequenceClassification model, a local path to "
-                            f"one, or an r2m.R2MRewardModel, got {type(reward_model).__name__}")
-        find_score_head(model)
+                            f"one, an r2m.R2MRewardModel or an r2m.adapters judge, got {type(reward_model).__name__}")
+        if self.judge is None:
+            find_score_head(model)
         find_body(model)
         if config is not None and not isinstance(config, R2MConfig):
             raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
         self.config = config or R2MConfig()
         self.reward_model = model
-        self.tokenizer = _reward_tokenizer(reward_tokenizer, reward_model, model)
+        self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
         self.capture_plan: str | None = None  # set by the trainer: see `capture_plan`; None when no states needed
         self.capture_counts: dict[str, int] = dict.fromkeys(CAPTURE_SOURCES, 0)
@@ -118,8 +140,8 @@ class R2MReward(TrainerCallback):
     # ---- the reward function -----------------------------------------------------------------------------------
 
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
-                 trainer_state: TrainerState | None = None, log_metric: Callable[[str, float], None] | None = None,
-                 **dataset_columns: Any) -> list[float | None]:
+                 trainer_state: TrainerState | None = None, log_extra: Callable[[str, list], None] | None = None,
+                 log_metric: Callable[[str, float], None] | None = None, **dataset_columns: Any) -> list[float | None]:
         """R2M rewards for this process's samples; a reward that is not finite is returned as None."""
         if not self._ready:
             raise RuntimeError("R2MReward was called as a reward function before a trainer set it up: pass the same "
@@ -128,13 +150,12 @@ class R2MReward(TrainerCallback):
         step = trainer_state.global_step if trainer_state is not None else 0
         if self.r2m.total_steps is None:
             self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
-        encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt", padding=True,
-                                 padding_side="right", add_special_tokens=False)
-        rte = self.r2m.rte(encoded["input_ids"], encoded["attention_mask"])
+        # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
         states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
+        rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
         hidden, mask, cu_seqlens = _packed(states)
-        rewards = self.r2m.reward_from_rte(rte, hidden, mask, step, cu_seqlens=cu_seqlens)
-        vanilla = self.r2m.vanilla_reward_from_rte(rte)
+        rewards = self.r2m.reward_from_rte(rte, hidden, mask, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
+        vanilla = self.r2m.vanilla_reward_from_rte(rte, base_rewards)
         finite = torch.isfinite(rewards)
         training = self._policy.training
         if training:
@@ -142,7 +163,7 @@ class R2MReward(TrainerCallback):
             keys: dict[tuple[int, ...], list[int]] = defaultdict(list)
             for i, key in enumerate(states.tokens if states is not None else ()):
                 keys[key].append(i)
-            self._pending.append(_Batch(rte, states, torch.where(finite, rewards, torch.nan), step,
+            self._pending.append(_Batch(rte, states, torch.where(finite, rewards, torch.nan), base_rewards, step,
                                         self._micro_steps, dict(keys)))
         if log_metric is not None:
             metrics = {"r2m/reward_mean": _mean(rewards[finite]),
@@ -175,6 +196,9 @@ class R2MReward(TrainerCallback):
             raise ValueError(f"R2M updates on groups of responses per prompt: num_generations must be >= 2, got "
                              f"{args.num_generations}")
         policy_dim = model.config.get_text_config().hidden_size
+        if self.judge is not None and _shares_parameters(model, self.reward_model):
+            raise ValueError("the judge runs the policy's own model: R2M freezes the judge model, so give the judge a "
+                             "separate copy of it")
         if self.r2m is None:
             self.r2m = self._wrap(policy_dim, args)
         elif self.r2m.policy_dim != policy_dim:
@@ -233,15 +257,31 @@ class R2MReward(TrainerCallback):
 
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _wrap(self, policy_dim: int, args: TrainingArguments) -> R2MRewardModel:
+    def _wrap(self, policy_dim: int, args: TrainingArguments) -> R2MModule:
         device = next(self.reward_model.parameters()).device
         if device.type == "cpu" and args.device.type != "cpu":
             self.reward_model.to(args.device)
-            device = args.device
         seed = self.config.seed if self.config.seed is not None else args.seed
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(seed)
-            return R2MRewardModel(self.reward_model, policy_dim, self.config)
+            return wrap(self.judge if self.judge is not None else self.reward_model, policy_dim, self.config)
+
+    def _score(self, prompts: list, completions: list, log_extra: Callable[[str, list], None] | None,
+               log_metric: Callable[[str, float], None] | None, columns: dict[str, Any]
+               ) -> tuple[Tensor, Tensor | None]:
+        """RTEs [B, D_rm] and, for a judge, its rewards [B] (NaN where it gave none): one reward-model forward or
+        one judge call."""
+        if self.judge is None:
+            encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt",
+                                     padding=True, padding_side="right", add_special_tokens=False)
+            return self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]), None
+        result = self.judge.score(prompts, completions, **columns)
+        self.judge.log(result, log_extra, log_metric)
+        base_rewards = torch.tensor([math.nan if r is None else float(r) for r in result.rewards])
+        if result.rte is None:
+            logger.warning("R2M: the judge returned no hidden states for this batch; its rewards are used as they are")
+            return torch.full((len(prompts), self.r2m.rm_dim), math.nan), base_rewards
+        return result.rte, base_rewards
 
     def _reward_texts(self, prompts: list, completions: list) -> list[str]:
         if is_conversational({"prompt": prompts[0]}):
@@ -306,7 +346,7 @@ class R2MReward(TrainerCallback):
     def _update(self, batch: _Batch) -> None:
         hidden, mask, cu_seqlens = _packed(batch.states)
         stats = self.r2m.update(batch.rte, hidden, mask, batch.rewards, self._group_size, batch.step,
-                                cu_seqlens=cu_seqlens)
+                                cu_seqlens=cu_seqlens, base_rewards=batch.base_rewards)
         stats["refreshed"] = len(batch.refreshed) / len(batch.rewards)
         self.update_stats.append(stats)
         self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed")})
@@ -334,6 +374,22 @@ def capture_plan(args: TrainingArguments) -> str:
     if args.use_vllm or getattr(args, "use_transformers_continuous_batching", False):
         return "extra"
     return "generation"
+
+
+def _judge_model(judge: GenerativeJudge) -> nn.Module:
+    model = judge.judge_model
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"R2M needs the judge's hidden states (its last hidden state at the end of its input is the "
+                         f"reward-token embedding), which only a judge running a local model has; this "
+                         f"{type(judge).__name__} runs on {type(judge.backend).__name__}. Give the judge a "
+                         f"TransformersBackend, or pass the judge itself in reward_funcs=[...] as a plain reward "
+                         f"function")
+    return model
+
+
+def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
+    ours = {id(p) for p in b.parameters()}
+    return any(id(p) in ours for p in a.parameters())
 
 
 def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
