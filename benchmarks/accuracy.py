@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import r2m
-from r2m.benchmarks.lab import LabRun, run_once
+from r2m.benchmarks.lab import run_once
 from r2m.benchmarks.report import markdown_table, write_results
 from r2m.capture import find_backbone
 from r2m.config import R2MConfig
+from r2m.integrations.trl.demo import DemoConfig
 from r2m.lab import LabConfig, LabWorld
 
 Pairs = list[tuple[str, str, str]]
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy = world.train_proxy()
             tests = {"biased": world.preference_pairs(count, seed=70_000 + seed),
                      "unbiased": world.preference_pairs(count, seed=80_000 + seed, bias=0.5)}
-            result = run_once(LabRun("r2m", seed, steps, lab, r2m_lr=args.r2m_lr), world, proxy, Path(tmp))
+            result = run_once("r2m", DemoConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr), world, proxy, Path(tmp))
             initial = AutoModelForCausalLM.from_pretrained(result.initial_policy).eval()
             untrained = r2m.wrap(proxy, result.r2m.policy_dim, R2MConfig(total_steps=steps, seed=seed))
             for name, pairs in tests.items():

@@ -19,29 +19,12 @@ from tqdm.auto import tqdm
 
 from r2m import tiny
 from r2m.benchmarks.report import markdown_table, write_results
-from r2m.config import MODES, R2MConfig
+from r2m.config import MODES
+from r2m.integrations.trl.demo import DemoConfig, train_variant
 from r2m.lab import LabConfig, LabWorld
 from r2m.reward_model import R2MRewardModel
 
 VARIANTS = ("vanilla", "r2m", "frozen", "noise", "head_only")
-
-
-@dataclass
-class LabRun:
-    """One training run of the lab."""
-
-    variant: str
-    seed: int
-    steps: int
-    lab: LabConfig
-    r2m_lr: float = 1e-3
-    omega_min: float = 0.6
-    policy_lr: float = 2e-3
-    policy_hidden_size: int = 64
-    prompts_per_step: int = 4
-    generations: int = 4
-    beta: float = 0.02
-    logging_steps: int = 10
 
 
 @dataclass
@@ -52,45 +35,15 @@ class LabResult:
     initial_policy: Path
 
 
-def gold_reward_function(world: LabWorld):
-    def gold(prompts: list[str], completions: list[str], **_: object) -> list[float]:
-        return [world.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
-
-    return gold
-
-
-def run_once(run: LabRun, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> LabResult:
+def run_once(variant: str, run: DemoConfig, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> LabResult:
     """Train one policy against the (wrapped) proxy; returns its curves, the trained policy and the R2M reward."""
-    from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from r2m.integrations.trl import R2MReward
-
-    torch.manual_seed(run.seed)
     policy_dir = work_dir / f"policy-{run.seed}"
     if not policy_dir.exists():
-        policy = tiny.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size)
-        policy.save_pretrained(policy_dir)
+        torch.manual_seed(run.seed)
+        tiny.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size).save_pretrained(policy_dir)
         world.tokenizer.save_pretrained(policy_dir)
-    reward = R2MReward(proxy, world.tokenizer, config=R2MConfig(
-        mode=run.variant, lr=run.r2m_lr, omega_min=run.omega_min, total_steps=run.steps, seed=run.seed))
-    prompts = [f"{p} " for p in world.prompts(run.steps * run.prompts_per_step, seed=10_000 + run.seed)]
-    args = GRPOConfig(
-        output_dir=str(work_dir / f"{run.variant}-{run.seed}"), use_cpu=True, report_to="none", seed=run.seed,
-        per_device_train_batch_size=run.prompts_per_step * run.generations, num_generations=run.generations,
-        max_completion_length=world.config.response_words, learning_rate=run.policy_lr,
-        lr_scheduler_type="constant", max_steps=run.steps, logging_steps=run.logging_steps, beta=run.beta,
-        reward_weights=[1.0, 0.0], temperature=1.0, save_strategy="no", disable_tqdm=True)
-    trainer = GRPOTrainer(model=str(policy_dir), reward_funcs=[reward, gold_reward_function(world)],
-                          callbacks=[reward], args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-                          processing_class=world.tokenizer)
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    curve = [{"step": h["step"], "proxy": h["r2m/vanilla_reward_mean"], "trained": h[f"rewards/{reward.__name__}/mean"],
-              "gold": h["rewards/gold/mean"], "kl": h.get("kl", 0.0)}
-             for h in trainer.state.log_history if "rewards/gold/mean" in h]
-    return LabResult(curve, trainer.model.eval(), reward.r2m, policy_dir)
+    curves, trainer, reward = train_variant(variant, run, world, proxy, policy_dir, work_dir / f"{variant}-{run.seed}")
+    return LabResult(curves["curve"], trainer.model.eval(), reward.r2m, policy_dir)
 
 
 def summarise(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
@@ -177,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             accuracy[seed] = world.accuracy(proxy, world.preference_pairs(400, seed=50_000 + seed, bias=0.5))
             for variant in variants:
                 progress.set_postfix(variant=variant, seed=seed)
-                run = LabRun(variant, seed, steps, lab, r2m_lr=args.r2m_lr, omega_min=args.omega_min)
-                curves[variant][seed] = run_once(run, world, proxy, Path(tmp)).curve
+                run = DemoConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr, omega_min=args.omega_min)
+                curves[variant][seed] = run_once(variant, run, world, proxy, Path(tmp)).curve
                 progress.update()
     rows = summarise(curves)
     columns = ["variant", "seeds", "gold_end", "gold_end_sd", "gold_peak", "gold_peak_sd", "proxy_end", "kl_end",

@@ -29,6 +29,9 @@ PRESETS = {
     # random-init models: policy 4 layers hidden 256, RM hidden 256, 64 + 64 tokens, 8 prompts x 4 generations
     "cpu-small": {"policy_hidden": 256, "policy_layers": 4, "rm_hidden": 256, "rm_layers": 4, "prompt_tokens": 64,
                   "completion_tokens": 64, "prompts": 8, "generations": 4, "vocab_words": 1000},
+    # a smoke test of the benchmark itself
+    "tiny": {"policy_hidden": 32, "policy_layers": 2, "rm_hidden": 32, "rm_layers": 2, "prompt_tokens": 8,
+             "completion_tokens": 8, "prompts": 2, "generations": 2, "vocab_words": 50},
     # about 0.5B parameters each, 512 + 512 tokens
     "gpu": {"policy_hidden": 1024, "policy_layers": 24, "rm_hidden": 1024, "rm_layers": 24, "prompt_tokens": 512,
             "completion_tokens": 512, "prompts": 8, "generations": 4, "vocab_words": 32000},

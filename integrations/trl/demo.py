@@ -77,6 +77,12 @@ def gold_reward(world: LabWorld):
 def run_variant(variant: str, cfg: DemoConfig, world: LabWorld, proxy: torch.nn.Module, policy_dir: Path,
                 work_dir: Path) -> dict:
     """One GRPO run against the proxy (wrapped by R2M in ``variant`` mode); returns its logged curves."""
+    return train_variant(variant, cfg, world, proxy, policy_dir, work_dir)[0]
+
+
+def train_variant(variant: str, cfg: DemoConfig, world: LabWorld, proxy: torch.nn.Module, policy_dir: Path,
+                  work_dir: Path) -> tuple[dict, GRPOTrainer, R2MReward]:
+    """`run_variant`, also returning the trained trainer and the R2M reward."""
     reward = R2MReward(proxy, world.tokenizer, name="proxy", config=R2MConfig(
         mode=variant, lr=cfg.r2m_lr, omega_min=cfg.omega_min, total_steps=cfg.steps, seed=cfg.seed))
     prompts = [f"{p} " for p in world.prompts(cfg.steps * cfg.prompts_per_step, seed=10_000 + cfg.seed)]
@@ -98,7 +104,8 @@ def run_variant(variant: str, cfg: DemoConfig, world: LabWorld, proxy: torch.nn.
              "trained": h["rewards/proxy/mean"], "kl": h.get("kl", 0.0), "omega": h["r2m/omega"],
              "r2m_loss": h.get("r2m/loss", 0.0)}
             for h in trainer.state.log_history if "rewards/gold/mean" in h]
-    return {"curve": rows, "seconds_per_step": seconds / cfg.steps, "extra_policy_forwards": reward.extra_forwards}
+    run = {"curve": rows, "seconds_per_step": seconds / cfg.steps, "extra_policy_forwards": reward.extra_forwards}
+    return run, trainer, reward
 
 
 def summary_rows(runs: dict[str, dict]) -> list[dict]:

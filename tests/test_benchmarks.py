@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end on tiny settings and write JSON, markdown and PNG."""
+
+import json
+
+import pytest
+
+from r2m.benchmarks import accuracy, lab, overhead
+
+
+def outputs(path, name):
+    payload = json.loads((path / f"{name}.json").read_text())
+    assert (path / f"{name}.md").read_text().startswith("| ")
+    assert (path / f"{name}.png").stat().st_size > 1000
+    assert "torch" in payload["machine"]
+    return payload
+
+
+@pytest.mark.slow
+def test_lab(tmp_path):
+    assert lab.main(["--variants", "vanilla,r2m", "--seeds", "2", "--steps", "3", "--out", str(tmp_path)]) == 0
+    payload = outputs(tmp_path, "lab")
+    rows = {r["variant"]: r for r in payload["summary"]}
+    assert set(rows) == {"vanilla", "r2m"} and rows["r2m"]["seeds"] == 2
+    assert rows["r2m"]["gold_end_vs_vanilla"] == pytest.approx(rows["r2m"]["gold_end"] - rows["vanilla"]["gold_end"])
+    assert isinstance(rows["r2m"]["exceeds_spread"], bool)
+    curve = payload["curves"]["r2m"]["0"]
+    assert curve[-1]["step"] == 3 and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
+
+
+@pytest.mark.slow
+def test_accuracy(tmp_path):
+    assert accuracy.main(["--seeds", "1", "--steps", "2", "--pairs", "20", "--out", str(tmp_path)]) == 0
+    summary = outputs(tmp_path, "accuracy")["summary"]
+    assert [s["test_set"] for s in summary] == ["biased", "unbiased"]
+    # the untrained R2M's o_proj is zero: it orders pairs exactly as the proxy does
+    assert all(s["r2m_before"] == s["proxy_rm"] for s in summary)
+    assert all(0.0 <= s["r2m_after"] <= 1.0 for s in summary)
+
+
+@pytest.mark.slow
+def test_overhead(tmp_path):
+    assert overhead.main(["--preset", "tiny", "--trainers", "grpo", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                          "--out", str(tmp_path)]) == 0
+    row = outputs(tmp_path, "overhead")["summary"][0]
+    assert row["step_time_ratio"] == pytest.approx(row["r2m_step_s"] / row["vanilla_step_s"])
+    assert row["extra_policy_forwards_per_step"] == 0 and row["extra_forward_share"] == 0
+    assert row["stored_hidden_mb"] > 0
