@@ -100,8 +100,11 @@ class CapturedStates:
         if not torch.equal(self.cu_seqlens[rows_t + 1] - dst_start, lengths):
             raise ValueError("copy_samples_: the source samples do not have the lengths of the samples they replace")
         within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        values = source.hidden.index_select(0, (torch.repeat_interleave(src_start, lengths) + within)
-                                            .to(source.hidden.device))
+        if list(source_rows) == list(range(len(source))):  # every source sample once, in order: no gather
+            values = source.hidden
+        else:
+            values = source.hidden.index_select(0, (torch.repeat_interleave(src_start, lengths) + within)
+                                                .to(source.hidden.device))
         dtype = torch.promote_types(self.hidden.dtype, values.dtype)
         if dtype != self.hidden.dtype:
             self.hidden = self.hidden.to(dtype)
@@ -351,5 +354,5 @@ def _row_tokens(input_ids: Tensor, mask: Tensor) -> list[tuple[int, ...]]:
 
 
 def _offsets(lengths: Tensor) -> Tensor:
-    """cu_seqlens [B + 1] (int64, CPU) of per-sample lengths [B]."""
-    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.long().cpu().cumsum(0)])
+    """cu_seqlens [B + 1] (int64) of per-sample lengths [B] (CPU)."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.long().cumsum(0)])

@@ -150,9 +150,12 @@ def test_captured_states_pack_replace_copy_and_count():
 
     source = CapturedStates.from_samples([torch.full((1, 3), 7.0), torch.full((2, 3), 9.0, dtype=torch.float64)],
                                          [(4, 5), (1, 2, 3)])
-    filled.copy_samples_([2, 0], source, [0, 1])
+    filled.copy_samples_([0], source, [1])  # a gather from the source
     assert filled.hidden.dtype == torch.float64  # promoted: the refresh keeps the wider dtype
-    assert filled.sample(0).eq(9.0).all() and filled.sample(2).eq(7.0).all() and filled.sample(1).eq(0.0).all()
+    assert filled.sample(0).eq(9.0).all() and filled.sample(2).eq(2.0).all() and filled.sample(1).eq(0.0).all()
+    source.hidden += 1
+    filled.copy_samples_([2, 0], source, [0, 1])  # every source sample once, in order: copied as it is
+    assert filled.sample(0).eq(10.0).all() and filled.sample(2).eq(8.0).all() and filled.sample(1).eq(0.0).all()
     with pytest.raises(ValueError, match="lengths"):
         filled.copy_samples_([1], source, [0])
 

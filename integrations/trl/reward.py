@@ -156,6 +156,7 @@ class R2MReward(TrainerCallback):
         hidden, mask, cu_seqlens = _packed(states)
         rewards = self.r2m.reward_from_rte(rte, hidden, mask, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
         vanilla = self.r2m.vanilla_reward_from_rte(rte, base_rewards)
+        rewards, vanilla = torch.stack([rewards.float(), vanilla.float().to(rewards.device)]).cpu()  # one sync
         finite = torch.isfinite(rewards)
         training = self._policy.training
         if training:
