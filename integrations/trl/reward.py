@@ -76,13 +76,12 @@ class R2MReward(TrainerCallback):
     update); its text and counts go to TRL through ``judge.log``. A completion the judge gave no reward gets None,
     and its group is skipped in the update.
 
-    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's own
-    score),
-    ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy forward),
-    ``r2m/reward_nonfinite`` (rewards returned as None), ``r2m/hidden_nonfinite`` (samples scored with the vanilla
-    reward because their hidden states were not finite) and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``,
-    ``r2m/groups_skipped``, ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the
-    training pass).
+    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's
+    own score), ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy
+    forward), ``r2m/reward_nonfinite`` (rewards returned as None), ``r2m/hidden_nonfinite`` (samples scored with the
+    vanilla reward because their hidden states were not finite) and, per update, ``r2m/loss``, ``r2m/bt``,
+    ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states
+    came from the training pass).
     """
 
     def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
@@ -153,10 +152,10 @@ class R2MReward(TrainerCallback):
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
         states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
-        hidden, mask, cu_seqlens = _packed(states)
-        rewards = self.r2m.reward_from_rte(rte, hidden, mask, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
+        hidden, cu_seqlens = _packed(states)
+        rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
         vanilla = self.r2m.vanilla_reward_from_rte(rte, base_rewards)
-        rewards, vanilla = torch.stack([rewards.float(), vanilla.float().to(rewards.device)]).cpu()  # one sync
+        rewards, vanilla = torch.stack([rewards, vanilla.to(rewards.device)]).cpu()  # one transfer to the host
         finite = torch.isfinite(rewards)
         training = self._policy.training
         if training:
@@ -345,8 +344,8 @@ class R2MReward(TrainerCallback):
             self._update(self._pending.pop(0))
 
     def _update(self, batch: _Batch) -> None:
-        hidden, mask, cu_seqlens = _packed(batch.states)
-        stats = self.r2m.update(batch.rte, hidden, mask, batch.rewards, self._group_size, batch.step,
+        hidden, cu_seqlens = _packed(batch.states)
+        stats = self.r2m.update(batch.rte, hidden, None, batch.rewards, self._group_size, batch.step,
                                 cu_seqlens=cu_seqlens, base_rewards=batch.base_rewards)
         stats["refreshed"] = len(batch.refreshed) / len(batch.rewards)
         self.update_stats.append(stats)
@@ -427,9 +426,9 @@ def _find_checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
                             f"before trainer.train(resume_from_checkpoint=...)")
 
 
-def _packed(states: CapturedStates | None) -> tuple[Tensor | None, None, Tensor | None]:
-    """(hidden, mask, cu_seqlens) arguments of the core for packed states (None when no states are used)."""
-    return (None, None, None) if states is None else (states.hidden, None, states.cu_seqlens)
+def _packed(states: CapturedStates | None) -> tuple[Tensor | None, Tensor | None]:
+    """Packed (hidden, cu_seqlens) for the core (None, None when no states are used)."""
+    return (None, None) if states is None else (states.hidden, states.cu_seqlens)
 
 
 def _mean(values: Tensor) -> float:
