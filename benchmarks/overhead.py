@@ -2,9 +2,10 @@
 
 For GRPOTrainer and RLOOTrainer, runs the same training (same seeds, same models) with the reward model passed
 to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), alternating A/B runs in fresh processes so the
-ratio comes from one session. Reports the median step time after warm-up, the R2M update time, the share of
-batches whose hidden states needed an extra policy forward, the policy forwards counted per step, peak memory
-(CUDA max allocated on GPU, peak RSS on CPU) and the bytes of hidden states R2M keeps per batch.
+ratio comes from one session (on CPU with one torch thread, also as process CPU time). Reports the median step
+time after warm-up, the R2M update time, the share of batches whose hidden states needed an extra policy
+forward, the policy forwards counted per step, peak memory (CUDA max allocated on GPU, peak RSS on CPU) and the
+bytes of hidden states R2M keeps per batch.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def child(run: ChildRun) -> dict:
     from r2m.integrations.trl import R2MReward
 
     p = PRESETS[run.preset]
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # two intra-op threads on two shared cores make wall times swing several-fold
     torch.manual_seed(run.seed)
     tokenizer = tiny.build_tokenizer(p["vocab_words"])
     work = Path(run.work_dir)
@@ -83,16 +86,18 @@ def child(run: ChildRun) -> dict:
 
     process = psutil.Process()
     timings: list[float] = []
+    cpu_times: list[float] = []
     peak = {"rss": process.memory_info().rss}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - self.start)
+            cpu_times.append(time.process_time() - self.cpu_start)
             peak["rss"] = max(peak["rss"], process.memory_info().rss)
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if run.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
@@ -115,6 +120,7 @@ def child(run: ChildRun) -> dict:
     extra = [h["r2m/capture"] for h in logs if "r2m/capture" in h]
     stored = p["prompts"] * p["generations"] * (p["prompt_tokens"] + p["completion_tokens"]) * p["policy_hidden"]
     return {"trainer": run.trainer, "variant": run.variant, "step_times": timings[run.warmup:],
+            "step_cpu_times": cpu_times[run.warmup:],
             "update_ms": statistics.median(update_ms) if update_ms else 0.0,
             "extra_forward_share": statistics.fmean(extra) if extra else 0.0,
             "policy_forwards_per_step": forwards[0] / run.steps,
@@ -129,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", default="grpo,rloo")
     p.add_argument("--steps", type=int, default=8, help="steps per run (the first --warmup are not timed)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds per trainer")
+    p.add_argument("--rounds", type=int, default=3, help="A/B rounds per trainer")
     p.add_argument("--quick", action="store_true", help="GRPO only, 1 round of 4 steps")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/overhead-<preset>)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for trainer in trainers:
         base, r2m = (_merge(results[(trainer, v)]) for v in ("vanilla", "r2m"))
         rows.append({"trainer": trainer, "vanilla_step_s": base["step_s"], "r2m_step_s": r2m["step_s"],
-                     "step_time_ratio": r2m["step_s"] / base["step_s"], "r2m_update_ms": r2m["update_ms"],
+                     "step_time_ratio": r2m["step_s"] / base["step_s"],
+                     "step_cpu_time_ratio": r2m["step_cpu_s"] / base["step_cpu_s"], "r2m_update_ms": r2m["update_ms"],
                      "extra_forward_share": r2m["extra_forward_share"],
                      "extra_policy_forwards_per_step": r2m["forwards"] - base["forwards"],
                      "vanilla_peak_mb": base["peak"] / 2**20, "r2m_peak_mb": r2m["peak"] / 2**20,
@@ -184,6 +191,7 @@ def _spawn(run: ChildRun) -> dict:
 
 def _merge(runs: list[dict]) -> dict:
     return {"step_s": statistics.median(t for r in runs for t in r["step_times"]),
+            "step_cpu_s": statistics.median(t for r in runs for t in r["step_cpu_times"]),
             "update_ms": statistics.median(r["update_ms"] for r in runs),
             "extra_forward_share": statistics.fmean(r["extra_forward_share"] for r in runs),
             "forwards": statistics.fmean(r["policy_forwards_per_step"] for r in runs),
