@@ -182,29 +182,14 @@ class R2MModule(nn.Module):
                       batch: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """Validates the policy states, zeroes non-finite ones, swaps in noise in ``noise`` mode; returns
         per-sample finiteness."""
-        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
-            raise TypeError(f"hidden must be a floating-point tensor of policy hidden states, got "
-                            f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
-        if hidden.shape[-1] != self.policy_dim:
-            raise ValueError(f"hidden has size {hidden.shape[-1]} in its last dimension but this R2M was built for "
-                             f"policy_hidden_size={self.policy_dim}")
-        device = self.head.weight.device
-        hidden = hidden.to(device)
+        hidden, mask, cu_seqlens = self.fusion.check_hidden(hidden, mask, cu_seqlens, batch)
         token_ok = torch.isfinite(hidden).all(dim=-1)
         if mask is not None:
-            if mask.shape != hidden.shape[:2]:
-                raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (batch, seq of hidden), got "
-                                 f"{tuple(mask.shape)}")
-            mask = mask.to(device=device, dtype=torch.bool)
             sample_ok = (token_ok | ~mask).all(dim=1)
-        elif cu_seqlens is not None:
-            bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
-            cu = cu_seqlens.to(device=device, dtype=torch.long)
-            sample_ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
         else:
-            raise ValueError("pass mask (with padded hidden [B, S, D_p]) or cu_seqlens (with packed hidden [N, D_p])")
-        if sample_ok.shape[0] != batch:
-            raise ValueError(f"hidden describes {sample_ok.shape[0]} samples but rte has {batch}")
+            bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
+            cu = cu_seqlens.long()
+            sample_ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
         if not bool(token_ok.all()):
             hidden = torch.where(token_ok[..., None], hidden, hidden.new_zeros(()))
         if self.config.mode == "noise":

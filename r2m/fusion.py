@@ -97,7 +97,7 @@ class SequenceToTokenAttention(nn.Module):
         """rte [B, D_rm] with hidden [B, S, D_p] + mask [B, S], or packed hidden [N, D_p] + cu_seqlens [B + 1]
         -> Ĥ [B, D_rm] in float32."""
         rte = self._check_rte(rte)
-        hidden, mask, cu_seqlens = self._check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
+        hidden, mask, cu_seqlens = self.check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
         impl = self.resolve_impl(hidden)
         if impl == "naive":
             return self._forward_naive(rte, *self._padded(hidden, mask, cu_seqlens))
@@ -165,8 +165,10 @@ class SequenceToTokenAttention(nn.Module):
         weight = self.q_proj.weight
         return rte.to(device=weight.device, dtype=weight.dtype)
 
-    def _check_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
-                      batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def check_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                     batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Validates policy states for a batch of ``batch`` samples; returns them on the module's device with the
+        mask as bool or cu_seqlens as int32."""
         if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
             raise TypeError(f"hidden must be a floating-point tensor, got "
                             f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")

@@ -238,7 +238,7 @@ def test_mismatched_checkpoint_is_refused(reward_model, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda m, b: m.update(b[0], b[1][..., :20], b[2], b[3], 4, 0), ValueError, "policy_hidden_size=24"),
+    (lambda m, b: m.update(b[0], b[1][..., :20], b[2], b[3], 4, 0), ValueError, "policy_dim=24"),
     (lambda m, b: m.update(*b, group_size=1, step=0), ValueError, "group_size must be an int >= 2"),
     (lambda m, b: m.update(*b, group_size=3, step=0), ValueError, "not a whole number of groups"),
     (lambda m, b: m.update(b[0], b[1], b[2], b[3][:5], 4, 0), ValueError, r"rewards must have shape \[batch=8\]"),
