@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import r2m
 from r2m.benchmarks.lab import run_once
-from r2m.benchmarks.report import markdown_table, write_results
+from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.capture import find_backbone
 from r2m.config import R2MConfig
 from r2m.integrations.trl.demo import DemoConfig
@@ -95,21 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     keys = ("proxy_rm", "r2m_before", "r2m_after")
     for i, key in enumerate(keys):
         ax.bar([j + (i - 1) * 0.27 for j in range(len(summary))], [s[key] for s in summary], width=0.27, label=key)
     ax.set_xticks(range(len(summary)), [s["test_set"] for s in summary])
     ax.set(ylabel="pairwise accuracy", ylim=(0, 1), title="Reward-model accuracy on held-out gold pairs")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r2m import tiny
-from r2m.benchmarks.report import markdown_table, write_results
+from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.config import MODES
 from r2m.integrations.trl.demo import DemoConfig, train_variant
 from r2m.lab import LabConfig, LabWorld
@@ -72,12 +72,7 @@ def _sd(values: list[float]) -> float:
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_step, by_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (by_step, by_kl) = subplots(1, 2, figsize=(11, 4))
     for variant, by_seed in curves.items():
         steps = [r["step"] for r in next(iter(by_seed.values()))]
         gold = [statistics.fmean(c[i]["gold"] for c in by_seed.values()) for i in range(len(steps))]
@@ -87,9 +82,7 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
     by_step.set(xlabel="policy step", ylabel="gold reward", title="Gold reward during GRPO")
     by_kl.set(xlabel="KL to the initial policy", ylabel="gold reward", title="Over-optimisation curve")
     by_step.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parser() -> argparse.ArgumentParser:

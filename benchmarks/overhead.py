@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from r2m.benchmarks.report import markdown_table, write_results
+from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 
 PRESETS = {
     # random-init models: policy 4 layers hidden 256, RM hidden 256, 64 + 64 tokens, 8 prompts x 4 generations
@@ -199,12 +199,7 @@ def _merge(runs: list[dict]) -> dict:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["vanilla_step_s"] for r in rows], width=0.4, label="vanilla RM")
     ax.bar([i + 0.2 for i in x], [r["r2m_step_s"] for r in rows], width=0.4, label="R2M")
@@ -213,9 +208,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), [r["trainer"].upper() for r in rows])
     ax.set(ylabel="median step time (s)", title="R2M overhead per training step")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

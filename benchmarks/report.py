@@ -30,6 +30,25 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def subplots(*args, **kwargs):
+    """A matplotlib figure and axes drawn off-screen (benchmarks run on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | os.PathLike, **layout) -> None:
+    """Lay out, write as PNG and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(out_dir: str | os.PathLike, name: str, payload: dict, table: str) -> Path:
     """Write ``<name>.json`` (payload plus the machine) and ``<name>.md`` (the table) into ``out_dir``."""
     out = Path(out_dir)

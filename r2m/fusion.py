@@ -197,9 +197,9 @@ class SequenceToTokenAttention(nn.Module):
             raise ValueError(f"cu_seqlens must be an integer tensor of shape [batch + 1 = {batch + 1}], got "
                              f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool(
-            (cu_seqlens[1:] < cu_seqlens[:-1]).any()
-        ):
+        decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+        malformed = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != hidden.shape[0]) | decreasing
+        if bool(malformed):  # one host sync for all three checks
             raise ValueError(f"cu_seqlens must start at 0, never decrease and end at total_tokens="
                              f"{hidden.shape[0]}, got {cu_seqlens.tolist()}")
         return hidden, None, cu_seqlens
