@@ -291,7 +291,9 @@ def test_conversational_inputs():
 
     with ChatServer(multi_turn) as server:
         assert RMR1Judge(backend(server))([prompt, prompt], completions) == [0.0, 1.0]
-    assert "Client: Rate me\n\nChatbot A: quality 2" in seen[0]
+    # both orders are sent concurrently: either may arrive first
+    assert any("Client: Rate me\n\nChatbot A: quality 2" in user for user in seen)
+    assert any("Client: Rate me\n\nChatbot B: quality 2" in user for user in seen)
 
 
 # ---- SPCT end to end ------------------------------------------------------------------------------------------
