@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-openrlhf demo test
+.PHONY: install install-openrlhf demo test device-wheels
 
 # torch first, pinned to the local CPU wheel when none is installed: a looser requirement pulls a CUDA build.
 install:
@@ -19,3 +19,9 @@ demo: install
 
 test: install-openrlhf
 	$(PYTHON) -m pytest
+
+# What a lent GPU machine lacks (its image has torch, triton, transformers; Python 3.12): carried to it by the
+# device tool for benchmarks/gpu_session.sh.
+device-wheels:
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .device-wheels \
+		trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19

@@ -21,10 +21,12 @@ from r2m.benchmarks.lab import run_once
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.capture import find_backbone
 from r2m.config import R2MConfig
-from r2m.integrations.trl.demo import DemoConfig
+from r2m.integrations.trl.lab_grpo import LabRunConfig
 from r2m.lab import LabConfig, LabWorld
 
 Pairs = list[tuple[str, str, str]]
+QUICK = {"seeds": 1, "steps": 120, "pairs": 200}
+DEFAULTS = {"seeds": 3, "steps": 300, "pairs": 600}
 
 
 @torch.no_grad()
@@ -55,17 +57,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r2m bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/accuracy")
-    p.add_argument("--quick", action="store_true", help="1 seed, 120 steps, 200 pairs")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--pairs", type=int, default=600, help="held-out pairs per test set")
+    p.add_argument("--quick", action="store_true", help="defaults of " + ", ".join(
+        f"--{k} {v}" for k, v in QUICK.items()) + " (flags given explicitly still apply)")
+    p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
+    p.add_argument("--steps", type=int, help=f"GRPO steps of the lab run (default {DEFAULTS['steps']})")
+    p.add_argument("--pairs", type=int, help=f"held-out pairs per test set (default {DEFAULTS['pairs']})")
     p.add_argument("--r2m-lr", type=float, default=1e-3)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    seeds, steps, count = (1, 120, 200) if args.quick else (args.seeds, args.steps, args.pairs)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    seeds, steps, count = args.seeds, args.steps, args.pairs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in tqdm(range(seeds), desc="accuracy seeds"):
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy = world.train_proxy()
             tests = {"biased": world.preference_pairs(count, seed=70_000 + seed),
                      "unbiased": world.preference_pairs(count, seed=80_000 + seed, bias=0.5)}
-            result = run_once("r2m", DemoConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr), world, proxy, Path(tmp))
+            result = run_once("r2m", LabRunConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr), world, proxy, Path(tmp))
             initial = AutoModelForCausalLM.from_pretrained(result.initial_policy).eval()
             untrained = r2m.wrap(proxy, result.r2m.policy_dim, R2MConfig(total_steps=steps, seed=seed))
             for name, pairs in tests.items():

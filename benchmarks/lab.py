@@ -3,7 +3,8 @@
 A tiny policy is trained with TRL's GRPOTrainer against the proxy reward model, wrapped by R2M in each variant
 (`vanilla`, `r2m`, `frozen`, `noise`, `head_only`), over several seeds. Per logged step it records the proxy
 reward (the unmodified proxy RM on the policy's completions), the gold reward and the KL to the initial policy;
-it writes the curves (JSON), a summary table (markdown) and a plot (PNG).
+it writes the curves (JSON), a summary table (markdown) and a plot (PNG). `--quick` (one seed, `vanilla` and
+`r2m`, 120 steps) is what `r2m demo` runs.
 """
 
 from __future__ import annotations
@@ -20,43 +21,52 @@ from tqdm.auto import tqdm
 from r2m import tiny
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.config import MODES
-from r2m.integrations.trl.demo import DemoConfig, train_variant
+from r2m.integrations.trl.lab_grpo import LabRunConfig, train_variant
 from r2m.lab import LabConfig, LabWorld
 from r2m.reward_model import R2MRewardModel
 
 VARIANTS = ("vanilla", "r2m", "frozen", "noise", "head_only")
 
 
+QUICK = {"seeds": 1, "steps": 120, "variants": "vanilla,r2m"}
+DEFAULTS = {"seeds": 3, "steps": 300, "variants": ",".join(VARIANTS)}
+
+
 @dataclass
 class LabResult:
-    curve: list[dict]
+    run: dict
     policy: torch.nn.Module
     r2m: R2MRewardModel
     initial_policy: Path
 
 
-def run_once(variant: str, run: DemoConfig, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> LabResult:
-    """Train one policy against the (wrapped) proxy; returns its curves, the trained policy and the R2M reward."""
+def run_once(variant: str, run: LabRunConfig, world: LabWorld, proxy: torch.nn.Module, work_dir: Path) -> LabResult:
+    """Train one policy against the (wrapped) proxy; returns its run record (curve, extra policy forwards), the
+    trained policy and the R2M reward."""
     policy_dir = work_dir / f"policy-{run.seed}"
     if not policy_dir.exists():
         torch.manual_seed(run.seed)
         tiny.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size).save_pretrained(policy_dir)
         world.tokenizer.save_pretrained(policy_dir)
-    curves, trainer, reward = train_variant(variant, run, world, proxy, policy_dir, work_dir / f"{variant}-{run.seed}")
-    return LabResult(curves["curve"], trainer.model.eval(), reward.r2m, policy_dir)
+    record, trainer, reward = train_variant(variant, run, world, proxy, policy_dir, work_dir / f"{variant}-{run.seed}")
+    return LabResult(record, trainer.model.eval(), reward.r2m, policy_dir)
 
 
-def summarise(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
-    """Per variant: gold at the end and at its peak (mean and spread over seeds), proxy and KL at the end."""
+def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """Per variant: gold at the end and at its peak (mean and spread over seeds), proxy, trained-on reward and KL
+    at the end, and the policy forwards R2M added."""
     rows = []
-    for variant, by_seed in curves.items():
-        end = [c[-1]["gold"] for c in by_seed.values()]
-        peak = [max(r["gold"] for r in c) for c in by_seed.values()]
+    for variant, by_seed in runs.items():
+        curves = [r["curve"] for r in by_seed.values()]
+        end = [c[-1]["gold"] for c in curves]
+        peak = [max(r["gold"] for r in c) for c in curves]
         rows.append({"variant": variant, "seeds": len(by_seed),
                      "gold_end": statistics.fmean(end), "gold_end_sd": _sd(end),
                      "gold_peak": statistics.fmean(peak), "gold_peak_sd": _sd(peak),
-                     "proxy_end": statistics.fmean(c[-1]["proxy"] for c in by_seed.values()),
-                     "kl_end": statistics.fmean(c[-1]["kl"] for c in by_seed.values())})
+                     "proxy_end": statistics.fmean(c[-1]["proxy"] for c in curves),
+                     "trained_end": statistics.fmean(c[-1]["trained"] for c in curves),
+                     "kl_end": statistics.fmean(c[-1]["kl"] for c in curves),
+                     "extra_policy_forwards": sum(r["extra_policy_forwards"] for r in by_seed.values())})
     base = next((r for r in rows if r["variant"] == "vanilla"), None)
     for row in rows:
         if base is not None and row is not base:
@@ -71,28 +81,32 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    fig, (by_step, by_kl) = subplots(1, 2, figsize=(11, 4))
-    for variant, by_seed in curves.items():
-        steps = [r["step"] for r in next(iter(by_seed.values()))]
-        gold = [statistics.fmean(c[i]["gold"] for c in by_seed.values()) for i in range(len(steps))]
-        kl = [statistics.fmean(c[i]["kl"] for c in by_seed.values()) for i in range(len(steps))]
-        by_step.plot(steps, gold, label=variant)
-        by_kl.plot(kl, gold, marker=".", label=variant)
-    by_step.set(xlabel="policy step", ylabel="gold reward", title="Gold reward during GRPO")
+def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    fig, (by_step, proxy_by_step, by_kl) = subplots(1, 3, figsize=(15, 4))
+    for variant, by_seed in runs.items():
+        curves = [r["curve"] for r in by_seed.values()]
+        steps = [r["step"] for r in curves[0]]
+        mean = {key: [statistics.fmean(c[i][key] for c in curves) for i in range(len(steps))]
+                for key in ("gold", "proxy", "kl")}
+        by_step.plot(steps, mean["gold"], label=variant)
+        proxy_by_step.plot(steps, mean["proxy"], label=variant)
+        by_kl.plot(mean["kl"], mean["gold"], marker=".", label=variant)
+    seeds = len(next(iter(runs.values())))
+    by_step.set(xlabel="policy step", ylabel="gold reward", title=f"Gold reward (the truth), mean of {seeds} seed(s)")
+    proxy_by_step.set(xlabel="policy step", ylabel="proxy RM score", title="Proxy reward model's own score")
     by_kl.set(xlabel="KL to the initial policy", ylabel="gold reward", title="Over-optimisation curve")
     by_step.legend()
     save_figure(fig, path)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r2m bench lab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/lab", help="output directory")
-    p.add_argument("--quick", action="store_true", help="1 seed, vanilla and r2m only, 120 steps")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {MODES}")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
+def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--quick", action="store_true", help="defaults of " + ", ".join(
+        f"--{k} {v}" for k, v in QUICK.items()) + " (flags given explicitly still apply)")
+    p.add_argument("--variants", help=f"comma-separated, from {MODES} (default {DEFAULTS['variants']})")
+    p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
+    p.add_argument("--steps", type=int, help=f"GRPO steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--r2m-lr", type=float, default=1e-3, help="R2M update learning rate (tiny models need more "
                    "than the paper's 1e-6)")
     p.add_argument("--omega-min", type=float, default=0.6)
@@ -104,38 +118,49 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    variants = ["vanilla", "r2m"] if args.quick else [v.strip() for v in args.variants.split(",") if v.strip()]
+def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = "benchmarks/results/lab",
+         quick: bool = False) -> int:
+    options = parser(prog, out).parse_args(argv)
+    for key, value in (QUICK if options.quick or quick else DEFAULTS).items():
+        if getattr(options, key) is None:
+            setattr(options, key, value)
+    variants = [v.strip() for v in options.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in MODES]
     if unknown:
-        raise SystemExit(f"r2m bench lab: --variants has unknown modes {unknown}; choose from {MODES}")
-    seeds = 1 if args.quick else args.seeds
-    steps = 120 if args.quick else args.steps
-    curves: dict[str, dict[int, list[dict]]] = {v: {} for v in variants}
+        raise SystemExit(f"{prog}: --variants has unknown modes {unknown}; choose from {MODES}")
+    for name in ("seeds", "steps"):
+        if getattr(options, name) < 1:
+            raise SystemExit(f"{prog}: --{name} must be >= 1, got {getattr(options, name)}")
+    runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
     accuracy: dict[int, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=seeds * len(variants), desc="lab runs") as progress:
-        for seed in range(seeds):
-            lab = LabConfig(seed=seed, spurious_word=args.spurious_word, spurious_penalty=args.spurious_penalty,
-                            rm_pairs=args.rm_pairs, rm_bias=args.rm_bias)
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=options.seeds * len(variants), desc="lab runs") as progress:
+        for seed in range(options.seeds):
+            lab = LabConfig(seed=seed, spurious_word=options.spurious_word, spurious_penalty=options.spurious_penalty,
+                            rm_pairs=options.rm_pairs, rm_bias=options.rm_bias)
             world = LabWorld(lab)
             proxy = world.train_proxy()
             accuracy[seed] = world.accuracy(proxy, world.preference_pairs(400, seed=50_000 + seed, bias=0.5))
             for variant in variants:
                 progress.set_postfix(variant=variant, seed=seed)
-                run = DemoConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr, omega_min=args.omega_min)
-                curves[variant][seed] = run_once(variant, run, world, proxy, Path(tmp)).curve
+                run = LabRunConfig(steps=options.steps, seed=seed, r2m_lr=options.r2m_lr,
+                                   omega_min=options.omega_min)
+                runs[variant][seed] = run_once(variant, run, world, proxy, Path(tmp)).run
                 progress.update()
-    rows = summarise(curves)
-    columns = ["variant", "seeds", "gold_end", "gold_end_sd", "gold_peak", "gold_peak_sd", "proxy_end", "kl_end",
-               "gold_end_vs_vanilla", "exceeds_spread"]
+    rows = summarise(runs)
+    columns = ["variant", "seeds", "gold_end", "gold_end_sd", "gold_peak", "gold_peak_sd", "proxy_end", "trained_end",
+               "kl_end", "extra_policy_forwards", "gold_end_vs_vanilla", "exceeds_spread"]
     table = markdown_table(rows, columns)
-    out = write_results(args.out, "lab", {"args": vars(args), "summary": rows, "curves": curves,
-                                          "proxy_unbiased_accuracy": accuracy}, table)
-    plot(curves, out / "lab.png")
+    result = write_results(options.out, "lab", {"args": vars(options), "summary": rows, "runs": runs,
+                                                "proxy_unbiased_accuracy": accuracy}, table)
+    plot(runs, result / "lab.png")
     print(table)
-    print(f"wrote {out / 'lab.json'}, {out / 'lab.md'}, {out / 'lab.png'}")
+    print(f"wrote {result / 'lab.json'}, {result / 'lab.md'}, {result / 'lab.png'}")
     return 0
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """`r2m demo`: the lab's quick mode (vanilla RM vs R2M, one seed), written to ``out/demo``."""
+    return main(argv, prog="r2m demo", out="out/demo", quick=True)
 
 
 if __name__ == "__main__":

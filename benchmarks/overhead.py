@@ -3,9 +3,11 @@
 For GRPOTrainer and RLOOTrainer, runs the same training (same seeds, same models) with the reward model passed
 to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), alternating A/B runs in fresh processes so the
 ratio comes from one session (on CPU with one torch thread, also as process CPU time). Reports the median step
-time after warm-up, the R2M update time, the share of batches whose hidden states needed an extra policy
-forward, the policy forwards counted per step, peak memory (CUDA max allocated on GPU, peak RSS on CPU) and the
-bytes of hidden states R2M keeps per batch.
+time after warm-up, the R2M update time, the host time spent capturing policy states, the share of batches whose
+hidden states needed an extra policy forward, the policy forwards counted per step, peak memory (CUDA max
+allocated on GPU, the process's peak RSS on CPU; median over rounds), the bytes of hidden states R2M holds per
+batch (measured) and whether the extra peak memory stays within 1.1 x (those bytes + R2M's trained state:
+weights, gradients and Adam moments of the fusion and head).
 """
 
 from __future__ import annotations
@@ -29,14 +31,32 @@ from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_r
 PRESETS = {
     # random-init models: policy 4 layers hidden 256, RM hidden 256, 64 + 64 tokens, 8 prompts x 4 generations
     "cpu-small": {"policy_hidden": 256, "policy_layers": 4, "rm_hidden": 256, "rm_layers": 4, "prompt_tokens": 64,
-                  "completion_tokens": 64, "prompts": 8, "generations": 4, "vocab_words": 1000},
+                  "completion_tokens": 64, "prompts": 8, "generations": 4, "vocab_words": 1000, "architecture": {}},
     # a smoke test of the benchmark itself
     "tiny": {"policy_hidden": 32, "policy_layers": 2, "rm_hidden": 32, "rm_layers": 2, "prompt_tokens": 8,
-             "completion_tokens": 8, "prompts": 2, "generations": 2, "vocab_words": 50},
-    # about 0.5B parameters each, 512 + 512 tokens
+             "completion_tokens": 8, "prompts": 2, "generations": 2, "vocab_words": 50, "architecture": {}},
+    # about 0.5B parameters each (a Qwen2.5-0.5B-like shape with a 32k vocabulary), 512 + 512 tokens
     "gpu": {"policy_hidden": 1024, "policy_layers": 24, "rm_hidden": 1024, "rm_layers": 24, "prompt_tokens": 512,
-            "completion_tokens": 512, "prompts": 8, "generations": 4, "vocab_words": 32000},
+            "completion_tokens": 512, "prompts": 8, "generations": 4, "vocab_words": 32000,
+            "architecture": {"num_heads": 16, "num_kv_heads": 4, "intermediate_size": 4864, "max_positions": 2048}},
 }
+# What R2M trains costs its weights, their gradients and Adam's two moments.
+TRAINED_STATE_COPIES = 4
+MEMORY_TARGET = 1.1
+
+
+def build_models(preset: str, seed: int, with_policy: bool = True) -> tuple:
+    """(tokenizer, policy or None, reward model) of a preset, random-init from configs."""
+    from r2m import tiny
+
+    p = PRESETS[preset]
+    tokenizer = tiny.build_tokenizer(p["vocab_words"])
+    torch.manual_seed(seed)
+    policy = (tiny.build_policy(tokenizer, "llama", p["policy_hidden"], p["policy_layers"], **p["architecture"])
+              if with_policy else None)
+    torch.manual_seed(seed + 1)
+    reward_model = tiny.build_reward_model(tokenizer, "llama", p["rm_hidden"], p["rm_layers"], **p["architecture"])
+    return tokenizer, policy, reward_model
 
 
 @dataclass
@@ -52,42 +72,46 @@ class ChildRun:
 
 def child(run: ChildRun) -> dict:
     """One training run in this process; returns its measurements."""
-    import psutil
+    import resource
+
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from r2m import tiny
     from r2m.config import R2MConfig
     from r2m.integrations.trl import R2MReward
 
     p = PRESETS[run.preset]
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # two intra-op threads on two shared cores make wall times swing several-fold
-    torch.manual_seed(run.seed)
-    tokenizer = tiny.build_tokenizer(p["vocab_words"])
     work = Path(run.work_dir)
     policy_dir = work / "policy"
-    if not policy_dir.exists():
-        tiny.build_policy(tokenizer, "llama", p["policy_hidden"], p["policy_layers"]).save_pretrained(policy_dir)
+    tokenizer, policy, reward_model = build_models(run.preset, run.seed, with_policy=not policy_dir.exists())
+    if policy is not None:
+        policy.save_pretrained(policy_dir)
         tokenizer.save_pretrained(policy_dir)
-    torch.manual_seed(run.seed + 1)
-    reward_model = tiny.build_reward_model(tokenizer, "llama", p["rm_hidden"], p["rm_layers"])
+        del policy
     words = [f"w{i}" for i in range(p["vocab_words"])]
     generator = torch.Generator().manual_seed(run.seed)
     prompts = [" ".join(words[i] for i in torch.randint(len(words), (p["prompt_tokens"],), generator=generator)) + " "
                for _ in range(p["prompts"] * (run.steps + 1))]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    reward = None
     if run.variant == "r2m":
         reward = R2MReward(reward_model.to(device), tokenizer, config=R2MConfig(total_steps=run.steps, seed=run.seed))
         reward_funcs, callbacks, processing = [reward], [reward], None
     else:
         reward_funcs, callbacks, processing = [reward_model], [], [tokenizer]
 
-    process = psutil.Process()
     timings: list[float] = []
     cpu_times: list[float] = []
-    peak = {"rss": process.memory_info().rss}
+    held = [0]
+
+    class HeldStates(TrainerCallback):
+        """Reads the hidden states R2M holds at the end of a step, before its update releases them."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            held[0] = max(held[0], reward.stored_hidden_bytes)
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -98,7 +122,6 @@ def child(run: ChildRun) -> dict:
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - self.start)
             cpu_times.append(time.process_time() - self.cpu_start)
-            peak["rss"] = max(peak["rss"], process.memory_info().rss)
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if run.trainer == "grpo" else (RLOOConfig, RLOOTrainer)
     args = config_cls(output_dir=str(work / f"{run.trainer}-{run.variant}"), use_cpu=device == "cpu",
@@ -106,26 +129,30 @@ def child(run: ChildRun) -> dict:
                       num_generations=p["generations"], max_completion_length=p["completion_tokens"],
                       max_steps=run.steps, logging_steps=1, save_strategy="no", disable_tqdm=True, beta=0.0,
                       bf16=device == "cuda")
+    probes = [HeldStates()] if reward is not None else []
     trainer = trainer_cls(model=str(policy_dir), reward_funcs=reward_funcs, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          reward_processing_classes=processing, callbacks=[*callbacks, StepTimer()])
+                          reward_processing_classes=processing, callbacks=[*probes, *callbacks, StepTimer()])
     trainer.remove_callback(PrinterCallback)
     forwards = [0]
     trainer.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "step_time" in h or "r2m/omega" in h]
+    logs = [h for h in trainer.state.log_history if "r2m/omega" in h][run.warmup:]
     update_ms = [h["r2m/update_ms"] for h in logs if "r2m/update_ms" in h]
+    capture_ms = [h["r2m/capture_ms"] for h in logs if "r2m/capture_ms" in h]
     extra = [h["r2m/capture"] for h in logs if "r2m/capture" in h]
-    stored = p["prompts"] * p["generations"] * (p["prompt_tokens"] + p["completion_tokens"]) * p["policy_hidden"]
+    trained = sum(t.nbytes for t in reward.r2m.trainable_parameters()) if reward is not None else 0
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     return {"trainer": run.trainer, "variant": run.variant, "step_times": timings[run.warmup:],
             "step_cpu_times": cpu_times[run.warmup:],
             "update_ms": statistics.median(update_ms) if update_ms else 0.0,
+            "capture_ms": statistics.median(capture_ms) if capture_ms else 0.0,
             "extra_forward_share": statistics.fmean(extra) if extra else 0.0,
-            "policy_forwards_per_step": forwards[0] / run.steps,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak["rss"],
-            "stored_hidden_bytes": stored * (2 if device == "cuda" else 4) if run.variant == "r2m" else 0}
+            "policy_forwards_per_step": forwards[0] / run.steps, "peak_memory_bytes": peak,
+            "stored_hidden_bytes": held[0], "trained_state_bytes": TRAINED_STATE_COPIES * trained}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -162,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for trainer in trainers:
         base, r2m = (_merge(results[(trainer, v)]) for v in ("vanilla", "r2m"))
+        budget = MEMORY_TARGET * (r2m["stored"] + r2m["trained"])
         rows.append({"trainer": trainer, "vanilla_step_s": base["step_s"], "r2m_step_s": r2m["step_s"],
                      "step_time_ratio": r2m["step_s"] / base["step_s"],
                      "step_cpu_time_ratio": r2m["step_cpu_s"] / base["step_cpu_s"], "r2m_update_ms": r2m["update_ms"],
-                     "extra_forward_share": r2m["extra_forward_share"],
+                     "r2m_capture_ms": r2m["capture_ms"], "extra_forward_share": r2m["extra_forward_share"],
                      "extra_policy_forwards_per_step": r2m["forwards"] - base["forwards"],
                      "vanilla_peak_mb": base["peak"] / 2**20, "r2m_peak_mb": r2m["peak"] / 2**20,
-                     "stored_hidden_mb": r2m["stored"] / 2**20})
+                     "extra_peak_mb": (r2m["peak"] - base["peak"]) / 2**20,
+                     "stored_hidden_mb": r2m["stored"] / 2**20, "trained_state_mb": r2m["trained"] / 2**20,
+                     "memory_budget_mb": budget / 2**20, "within_memory_target": r2m["peak"] - base["peak"] <= budget})
     columns = list(rows[0])
     table = markdown_table(rows, columns)
     out = write_results(args.out or f"benchmarks/results/overhead-{args.preset}", "overhead",
@@ -193,9 +223,12 @@ def _merge(runs: list[dict]) -> dict:
     return {"step_s": statistics.median(t for r in runs for t in r["step_times"]),
             "step_cpu_s": statistics.median(t for r in runs for t in r["step_cpu_times"]),
             "update_ms": statistics.median(r["update_ms"] for r in runs),
+            "capture_ms": statistics.median(r["capture_ms"] for r in runs),
             "extra_forward_share": statistics.fmean(r["extra_forward_share"] for r in runs),
             "forwards": statistics.fmean(r["policy_forwards_per_step"] for r in runs),
-            "peak": max(r["peak_memory_bytes"] for r in runs), "stored": max(r["stored_hidden_bytes"] for r in runs)}
+            "peak": statistics.median(r["peak_memory_bytes"] for r in runs),
+            "stored": max(r["stored_hidden_bytes"] for r in runs),
+            "trained": max(r["trained_state_bytes"] for r in runs)}
 
 
 def _plot(rows: list[dict], path: Path) -> None:

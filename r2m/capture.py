@@ -20,13 +20,19 @@ the masks and token ids.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+# The KV cache argument of a transformers model body: ``past_key_values`` before transformers 5.24, ``cache`` since.
+CACHE_ARGUMENTS = ("past_key_values", "cache")
 
 
 @dataclass
@@ -148,11 +154,29 @@ def find_backbone(model: nn.Module) -> nn.Module:
                      f"(with `base_model_prefix` or `get_decoder()`) or the body itself as `module`")
 
 
+def _timed(method: Callable) -> Callable:
+    """Add the host time of a `HiddenStateCapture` method to its ``seconds`` (outermost call only)."""
+    @functools.wraps(method)
+    def timed(self: HiddenStateCapture, *args: object, **kwargs: object) -> object:
+        if self._timing:
+            return method(self, *args, **kwargs)
+        self._timing, start = True, time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self._timing = False
+
+    return timed
+
+
 class HiddenStateCapture:
     """Forward hook on a causal LM's body that keeps the policy's last-layer hidden states.
 
     ``offload`` moves what is handed out to CPU. ``keep_generation`` / ``keep_forwards`` choose what is stored
-    between `pop_*` calls (the refresh listener ``on_train_forward`` is called either way).
+    between `pop_*` calls (the refresh listener ``on_train_forward`` is called either way). ``seconds`` adds up
+    the host time spent in the hook (the refresh listener included), in `pop_*` and in `forward`; device work
+    it queued but did not wait for is not in it.
     """
 
     def __init__(self, model: nn.Module, module: nn.Module | None = None, offload: bool = False,
@@ -170,6 +194,8 @@ class HiddenStateCapture:
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._generation: list[_Forward] = []
         self._forwards: list[_Forward] = []
+        self.seconds = 0.0
+        self._timing = False
 
     def attach(self) -> HiddenStateCapture:
         """Start capturing (records the policy's active adapters: later passes with others are ignored)."""
@@ -194,6 +220,7 @@ class HiddenStateCapture:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    @_timed
     def pop_generation(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
         """States of the last ``generate`` call, stitched for each sample as valid prompt + ``completions[i]``.
 
@@ -226,6 +253,7 @@ class HiddenStateCapture:
                   for p, c, ok in zip(prompts, completions, fed_ok.tolist(), strict=True)]
         return CapturedStates(self._keep(packed), _offsets(kept), tokens)
 
+    @_timed
     def pop_forwards(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
         """States of the most recent full no-grad forwards that together hold exactly ``len(completions)`` rows
         (a trainer's log-prob pass runs in chunks). Row i must end with ``completions[i]``, or it is not found."""
@@ -255,6 +283,7 @@ class HiddenStateCapture:
             states.hidden = self._keep(states.hidden)
         return states
 
+    @_timed
     @torch.no_grad()
     def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> CapturedStates:
         """No-grad forwards of the policy on full token sequences (right padded, ``batch_size`` rows at a time),
@@ -284,13 +313,15 @@ class HiddenStateCapture:
             if not attached:
                 self.remove()
 
+    @_timed
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if self._is_reference_pass():
             return
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         hidden = hidden.detach() if hidden.requires_grad else hidden
         named = dict(zip(self._params, args, strict=False)) | kwargs
-        input_ids, mask, cache = named.get("input_ids"), named.get("attention_mask"), named.get("past_key_values")
+        input_ids, mask = named.get("input_ids"), named.get("attention_mask")
+        cache = next((named[name] for name in CACHE_ARGUMENTS if named.get(name) is not None), None)
         mask = mask if mask is not None and mask.dim() == 2 else None
         if cache is not None and named.get("use_cache", True) is not False:
             if not self.keep_generation:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("r2m.integrations.trl.demo", "GRPO with the vanilla RM and with R2M on the built-in tiny task"),
-    "grpo": ("r2m.integrations.trl.cli", "train with TRL's GRPOTrainer and an R2M reward"),
-    "rloo": ("r2m.integrations.trl.cli", "train with TRL's RLOOTrainer and an R2M reward"),
-    "bench": ("r2m.benchmarks", "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("r2m.benchmarks.lab", "demo", "the over-optimisation lab's quick mode: GRPO with the vanilla RM and with "
+             "R2M on the built-in tiny task"),
+    "grpo": ("r2m.integrations.trl.cli", "main", "train with TRL's GRPOTrainer and an R2M reward"),
+    "rloo": ("r2m.integrations.trl.cli", "main", "train with TRL's RLOOTrainer and an R2M reward"),
+    "bench": ("r2m.benchmarks", "main", "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
 }
 BENCHMARKS = ("kernel", "overhead", "lab", "accuracy", "openrlhf_traffic")
 
 
 def _usage() -> str:
     lines = ["usage: r2m <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<8} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"r2m: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, _ = COMMANDS[command]
+    module_name, function, _ = COMMANDS[command]
     if command == "bench":
         if not rest or rest[0] in ("-h", "--help"):
             print(f"usage: r2m bench {{{','.join(BENCHMARKS)}}} [args...]")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command in ("grpo", "rloo"):
         rest = [command, *rest]
     module = importlib.import_module(module_name)
-    return int(module.main(rest) or 0)
+    return int(getattr(module, function)(rest) or 0)
 
 
 if __name__ == "__main__":

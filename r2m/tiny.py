@@ -25,29 +25,33 @@ def build_tokenizer(vocab_words: int = 60, prefix: str = "w") -> PreTrainedToken
                                    bos_token="<bos>", eos_token="<eos>")
 
 
-def _config(family: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, **extra):
+def _config(family: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, num_heads: int = 2,
+            num_kv_heads: int = 1, intermediate_size: int | None = None, max_positions: int = 512, **extra):
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
-                                    n_head=2, n_positions=512, **ids, **extra)
-    kwargs = {"head_dim": hidden_size // 2} if family == "gemma" else {}
+                                    n_head=num_heads, n_inner=intermediate_size, n_positions=max_positions, **ids,
+                                    **extra)
+    kwargs = {"head_dim": hidden_size // num_heads} if family == "gemma" else {}
     return AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=hidden_size,
-                                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                tie_word_embeddings=False, **kwargs, **ids, **extra)
+                                intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                                max_position_embeddings=max_positions, tie_word_embeddings=False, **kwargs, **ids,
+                                **extra)
 
 
 def build_reward_model(tokenizer: PreTrainedTokenizerFast, family: str = "llama", hidden_size: int = 32,
-                       num_layers: int = 2) -> PreTrainedModel:
-    """A randomly initialised ``*ForSequenceClassification`` reward model (num_labels=1)."""
-    config = _config(family, tokenizer, hidden_size, num_layers, num_labels=1)
+                       num_layers: int = 2, **architecture: int) -> PreTrainedModel:
+    """A randomly initialised ``*ForSequenceClassification`` reward model (num_labels=1). ``architecture``:
+    ``num_heads``, ``num_kv_heads``, ``intermediate_size``, ``max_positions``."""
+    config = _config(family, tokenizer, hidden_size, num_layers, num_labels=1, **architecture)
     return AutoModelForSequenceClassification.from_config(config)
 
 
 def build_policy(tokenizer: PreTrainedTokenizerFast, family: str = "llama", hidden_size: int = 32,
-                 num_layers: int = 2) -> PreTrainedModel:
-    """A randomly initialised causal LM policy."""
-    return AutoModelForCausalLM.from_config(_config(family, tokenizer, hidden_size, num_layers))
+                 num_layers: int = 2, **architecture: int) -> PreTrainedModel:
+    """A randomly initialised causal LM policy (``architecture`` as in `build_reward_model`)."""
+    return AutoModelForCausalLM.from_config(_config(family, tokenizer, hidden_size, num_layers, **architecture))

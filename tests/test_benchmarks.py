@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from r2m.benchmarks import accuracy, lab, overhead
 
@@ -23,8 +24,16 @@ def test_lab(tmp_path):
     assert set(rows) == {"vanilla", "r2m"} and rows["r2m"]["seeds"] == 2
     assert rows["r2m"]["gold_end_vs_vanilla"] == pytest.approx(rows["r2m"]["gold_end"] - rows["vanilla"]["gold_end"])
     assert isinstance(rows["r2m"]["exceeds_spread"], bool)
-    curve = payload["curves"]["r2m"]["0"]
+    curve = payload["runs"]["r2m"]["0"]["curve"]
     assert curve[-1]["step"] == 3 and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
+    assert rows["r2m"]["extra_policy_forwards"] == 0
+
+
+def test_lab_refuses_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--variants has unknown modes"):
+        lab.main(["--variants", "vanilla,best", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        lab.main(["--steps", "0", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -44,4 +53,18 @@ def test_overhead(tmp_path):
     row = outputs(tmp_path, "overhead")["summary"][0]
     assert row["step_time_ratio"] == pytest.approx(row["r2m_step_s"] / row["vanilla_step_s"])
     assert row["extra_policy_forwards_per_step"] == 0 and row["extra_forward_share"] == 0
-    assert row["stored_hidden_mb"] > 0
+    assert row["r2m_capture_ms"] > 0 and row["r2m_update_ms"] > 0
+    # tiny preset: 2 prompts x 2 generations, 8 prompt tokens + at most 8 completion tokens, hidden size 32, fp32
+    stored = round(row["stored_hidden_mb"] * 2**20)
+    assert stored % (32 * 4) == 0 and 4 * 8 * 32 * 4 <= stored <= 4 * 15 * 32 * 4
+    assert row["extra_peak_mb"] == pytest.approx(row["r2m_peak_mb"] - row["vanilla_peak_mb"])
+    assert row["memory_budget_mb"] == pytest.approx(1.1 * (row["stored_hidden_mb"] + row["trained_state_mb"]))
+    assert row["within_memory_target"] == (row["extra_peak_mb"] <= row["memory_budget_mb"])
+
+
+def test_gpu_overhead_preset_models_have_about_half_a_billion_parameters():
+    with torch.device("meta"):
+        _, policy, reward_model = overhead.build_models("gpu", seed=0)
+    for model in (policy, reward_model):
+        assert 0.4e9 <= sum(p.numel() for p in model.parameters()) <= 0.6e9
+        assert model.config.max_position_embeddings >= 512 + 512

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from r2m import cli as r2m_cli
 from r2m.config import R2MConfig
-from r2m.integrations.trl import cli, demo
+from r2m.integrations.trl import cli
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trl_tiny
@@ -70,12 +71,14 @@ def test_bad_command_and_missing_dataset(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_table_plot_and_curves(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--steps", "3"]) == 0
+def test_demo_is_the_quick_lab_and_writes_table_plot_and_curves(tmp_path, capsys):
+    assert r2m_cli.main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| r2m |" in printed
-    results = json.loads((tmp_path / "demo.json").read_text())
+    results = json.loads((tmp_path / "lab.json").read_text())
+    assert results["args"]["quick"] is False and results["args"]["seeds"] == 1 and results["args"]["steps"] == 3
     assert set(results["runs"]) == {"vanilla", "r2m"}
-    assert all(len(run["curve"]) == 3 for run in results["runs"].values())
+    assert all(len(run["0"]["curve"]) == 3 for run in results["runs"].values())
     assert [row["variant"] for row in results["summary"]] == ["vanilla", "r2m"]
-    assert (tmp_path / "demo.png").stat().st_size > 0 and (tmp_path / "demo.md").is_file()
+    assert all(row["extra_policy_forwards"] == 0 for row in results["summary"])
+    assert (tmp_path / "lab.png").stat().st_size > 0 and (tmp_path / "lab.md").is_file()

@@ -17,15 +17,16 @@ import trl_tiny
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 R2M_METRICS = ("r2m/loss", "r2m/bt", "r2m/gre", "r2m/omega", "r2m/reward_mean", "r2m/vanilla_reward_mean",
-               "r2m/groups_skipped", "r2m/update_ms", "r2m/capture")
+               "r2m/groups_skipped", "r2m/update_ms", "r2m/capture", "r2m/capture_ms")
 
 
 def config(**overrides):
     return r2m.R2MConfig(**{"lr": 1e-2, "attn_dim": 16, "seed": 0, "omega_min": 0.6, **overrides})
 
 
-def spy_rewards(reward):
-    """Record every list of rewards the trainer receives from ``reward``."""
+def spy_rewards(reward, stored=None):
+    """Record every list of rewards the trainer receives from ``reward`` (and, into ``stored``, the prompts, the
+    completions' ids and the bytes of hidden states ``reward`` holds right after the call)."""
     seen = []
     call = reward.__call__
 
@@ -33,6 +34,8 @@ def spy_rewards(reward):
         def __call__(self, *args, **kwargs):
             out = call(*args, **kwargs)
             seen.append(out)
+            if stored is not None:
+                stored.append((kwargs["prompts"], kwargs["completion_ids"], self.stored_hidden_bytes))
             return out
 
     reward.__class__ = Spy
@@ -56,7 +59,8 @@ def logged(trainer, key):
 def test_training_run(kind, tmp_path):
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=config())
-    seen = spy_rewards(reward)
+    stored = []
+    seen = spy_rewards(reward, stored)
     body_before = {k: v.clone() for k, v in reward_model.state_dict().items()}
     trainer = TRAINERS[kind](model=policy, reward_funcs=[reward], callbacks=[reward],
                              args=trl_tiny.args(kind, str(tmp_path), max_steps=4),
@@ -75,6 +79,13 @@ def test_training_run(kind, tmp_path):
     for step, value in logged(trainer, "r2m/omega"):  # rewards of log step s were computed at global_step s - 1
         assert value == pytest.approx(r2m.omega(step - 1, 4, 0.6))
     assert [v for _, v in logged(trainer, "r2m/capture")] == [0.0] * 4
+    assert all(v > 0 for _, v in logged(trainer, "r2m/capture_ms"))
+    # each batch is updated on before the next is scored: what is held is that batch's S - 1 states per sample
+    for prompts, completion_ids, held in stored:
+        rows = sum(len(policy_tokenizer(p)["input_ids"]) + len(c) - 1
+                   for p, c in zip(prompts, completion_ids, strict=True))
+        assert held == rows * policy.config.hidden_size * 4
+    assert reward.stored_hidden_bytes == 0  # nothing held after training
     assert reward.capture_plan == ("generation" if kind == "grpo" else "forward") and reward.extra_forwards == 0
     assert len(reward.update_stats) == 4 and all(s["refreshed"] == 1.0 for s in reward.update_stats)
     assert [s["omega"] for s in reward.update_stats] == pytest.approx([r2m.omega(t, 4, 0.6) for t in range(4)])
@@ -215,8 +226,9 @@ def test_evaluation_rewards_do_not_enter_the_update(tmp_path):
 def test_modes_without_policy_states_capture_nothing(mode, tmp_path):
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=config(mode=mode))
-    train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2)
+    trainer = train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2)
     assert reward.capture_plan is None and reward.extra_forwards == 0 and len(reward.update_stats) == 2
+    assert [v for _, v in logged(trainer, "r2m/capture_ms")] == [0.0, 0.0]
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"

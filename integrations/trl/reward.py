@@ -78,10 +78,11 @@ class R2MReward(TrainerCallback):
 
     Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's
     own score), ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy
-    forward), ``r2m/reward_nonfinite`` (rewards returned as None), ``r2m/hidden_nonfinite`` (samples scored with the
-    vanilla reward because their hidden states were not finite) and, per update, ``r2m/loss``, ``r2m/bt``,
-    ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states
-    came from the training pass).
+    forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation batch:
+    hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
+    ``r2m/hidden_nonfinite`` (samples scored with the vanilla reward because their hidden states were not finite)
+    and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/update_ms`` and
+    ``r2m/refreshed`` (share of samples whose states came from the training pass).
     """
 
     def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
@@ -132,6 +133,7 @@ class R2MReward(TrainerCallback):
         self._pending: list[_Batch] = []
         self._micro_steps = 0
         self._calls = 0
+        self._capture_seconds = 0.0
         self._resume_dir: Path | None = None
         self._log_metric: Callable[[str, float], None] | None = None
         self._queued_metrics: dict[str, list[float]] = defaultdict(list)
@@ -151,6 +153,8 @@ class R2MReward(TrainerCallback):
             self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
         states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
+        capture_seconds = self._capture.seconds if self._capture is not None else 0.0
+        capture_ms, self._capture_seconds = 1000 * (capture_seconds - self._capture_seconds), capture_seconds
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
         hidden, cu_seqlens = _packed(states)
         rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
@@ -169,6 +173,7 @@ class R2MReward(TrainerCallback):
             metrics = {"r2m/reward_mean": _mean(rewards[finite]),
                        "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
                        "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(rewards),
+                       "r2m/capture_ms": capture_ms,
                        "r2m/reward_nonfinite": float((~finite).sum()),
                        "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
             if training:
@@ -177,6 +182,12 @@ class R2MReward(TrainerCallback):
             for key, value in metrics.items():
                 log_metric(key, value)
         return [float(r) if ok else None for r, ok in zip(rewards.tolist(), finite.tolist(), strict=True)]
+
+    @property
+    def stored_hidden_bytes(self) -> int:
+        """Bytes of policy hidden states held now for the coming updates."""
+        return sum(batch.states.hidden.nbytes for batch in self._pending
+                   if batch.states is not None and batch.states.hidden is not None)
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the R2M state from a trainer checkpoint directory (or its ``r2m`` subdirectory) when training
@@ -207,6 +218,7 @@ class R2MReward(TrainerCallback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        self._capture_seconds = 0.0
         if self.config.uses_fusion:
             self.capture_plan = capture_plan(args)
             self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig, RLOOConfig
 
 from r2m import tiny
+from r2m.capture import CACHE_ARGUMENTS
 
 VOCAB_WORDS = 60
 
@@ -57,5 +58,5 @@ class ForwardCounter:
         self.handle = body.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        if kwargs.get("past_key_values") is None:
+        if all(kwargs.get(name) is None for name in CACHE_ARGUMENTS):
             self.count += 1
