@@ -190,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     for trainer in trainers:
         base, r2m = (_merge(results[(trainer, v)]) for v in ("vanilla", "r2m"))
         budget = MEMORY_TARGET * (r2m["stored"] + r2m["trained"])
+        # each round runs vanilla then r2m back to back: their ratio is the least exposed to machine drift
+        paired = [statistics.median(a["step_times"]) / statistics.median(b["step_times"])
+                  for b, a in zip(results[(trainer, "vanilla")], results[(trainer, "r2m")], strict=True)]
         rows.append({"trainer": trainer, "vanilla_step_s": base["step_s"], "r2m_step_s": r2m["step_s"],
                      "step_time_ratio": r2m["step_s"] / base["step_s"],
+                     "round_ratio_min": min(paired), "round_ratio_max": max(paired),
                      "step_cpu_time_ratio": r2m["step_cpu_s"] / base["step_cpu_s"], "r2m_update_ms": r2m["update_ms"],
-                     "r2m_capture_ms": r2m["capture_ms"], "extra_forward_share": r2m["extra_forward_share"],
+                     "r2m_capture_ms": r2m["capture_ms"],
+                     "update_and_capture_share": (r2m["update_ms"] + r2m["capture_ms"]) / (1000 * r2m["step_s"]),
+                     "extra_forward_share": r2m["extra_forward_share"],
                      "extra_policy_forwards_per_step": r2m["forwards"] - base["forwards"],
                      "vanilla_peak_mb": base["peak"] / 2**20, "r2m_peak_mb": r2m["peak"] / 2**20,
                      "extra_peak_mb": (r2m["peak"] - base["peak"]) / 2**20,
