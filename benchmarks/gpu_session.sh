@@ -18,7 +18,7 @@ fi
 $PY -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
   $PY -c "import torch, triton, transformers, trl; print(torch.__version__, triton.__version__, transformers.__version__, trl.__version__)"
-} > "$OUT/device.txt"
+} > "$OUT/device.txt" 2>&1
 
 # kernel and fusion tests run on CUDA when it is there (tests/conftest.py)
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_kernel_triton.py tests/test_fusion.py \
