@@ -3,11 +3,13 @@
 For GRPOTrainer and RLOOTrainer, runs the same training (same seeds, same models) with the reward model passed
 to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), alternating A/B runs in fresh processes so the
 ratio comes from one session (on CPU with one torch thread, also as process CPU time). Reports the median step
-time after warm-up, the R2M update time, the host time spent capturing policy states, the share of batches whose
-hidden states needed an extra policy forward, the policy forwards counted per step, peak memory (CUDA max
-allocated on GPU, the process's peak RSS on CPU; median over rounds), the bytes of hidden states R2M holds per
-batch (measured) and whether the extra peak memory stays within 1.1 x (those bytes + R2M's trained state:
-weights, gradients and Adam moments of the fusion and head).
+time after warm-up, the R2M update time, the host time spent capturing policy states, the time of the trainer's
+reward computation (and, from these three timed sections, an upper bound of the step-time ratio: the stitching
+done inside the reward call is counted twice), the share of batches whose hidden states needed an extra policy
+forward, the policy forwards counted per step, peak memory (CUDA max allocated on GPU, the process's peak RSS on
+CPU; median over rounds), the bytes of hidden states R2M holds per batch (measured) and whether the extra peak
+memory stays within 1.1 x (those bytes + R2M's trained state: weights, gradients and Adam moments of the fusion
+and head).
 """
 
 from __future__ import annotations
@@ -136,6 +138,18 @@ def child(run: ChildRun) -> dict:
     trainer.remove_callback(PrinterCallback)
     forwards = [0]
     trainer.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    reward_times: list[float] = []
+    score = trainer._calculate_rewards  # TRL 1.16: all reward functions of one generation batch
+
+    def timed_score(*args, **kwargs):
+        start = time.perf_counter()
+        out = score(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        reward_times.append(time.perf_counter() - start)
+        return out
+
+    trainer._calculate_rewards = timed_score
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -150,6 +164,7 @@ def child(run: ChildRun) -> dict:
             "step_cpu_times": cpu_times[run.warmup:],
             "update_ms": statistics.median(update_ms) if update_ms else 0.0,
             "capture_ms": statistics.median(capture_ms) if capture_ms else 0.0,
+            "reward_ms": 1000 * statistics.median(reward_times[run.warmup:]),
             "extra_forward_share": statistics.fmean(extra) if extra else 0.0,
             "policy_forwards_per_step": forwards[0] / run.steps, "peak_memory_bytes": peak,
             "stored_hidden_bytes": held[0], "trained_state_bytes": TRAINED_STATE_COPIES * trained}
@@ -197,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                      "step_time_ratio": r2m["step_s"] / base["step_s"],
                      "round_ratio_min": min(paired), "round_ratio_max": max(paired),
                      "step_cpu_time_ratio": r2m["step_cpu_s"] / base["step_cpu_s"], "r2m_update_ms": r2m["update_ms"],
-                     "r2m_capture_ms": r2m["capture_ms"],
-                     "update_and_capture_share": (r2m["update_ms"] + r2m["capture_ms"]) / (1000 * r2m["step_s"]),
+                     "r2m_capture_ms": r2m["capture_ms"], "vanilla_reward_ms": base["reward_ms"],
+                     "r2m_reward_ms": r2m["reward_ms"], "timed_sections_ratio": 1 + (
+                         r2m["reward_ms"] - base["reward_ms"] + r2m["update_ms"] + r2m["capture_ms"])
+                     / (1000 * base["step_s"]),
                      "extra_forward_share": r2m["extra_forward_share"],
                      "extra_policy_forwards_per_step": r2m["forwards"] - base["forwards"],
                      "vanilla_peak_mb": base["peak"] / 2**20, "r2m_peak_mb": r2m["peak"] / 2**20,
@@ -230,6 +247,7 @@ def _merge(runs: list[dict]) -> dict:
             "step_cpu_s": statistics.median(t for r in runs for t in r["step_cpu_times"]),
             "update_ms": statistics.median(r["update_ms"] for r in runs),
             "capture_ms": statistics.median(r["capture_ms"] for r in runs),
+            "reward_ms": statistics.median(r["reward_ms"] for r in runs),
             "extra_forward_share": statistics.fmean(r["extra_forward_share"] for r in runs),
             "forwards": statistics.fmean(r["policy_forwards_per_step"] for r in runs),
             "peak": statistics.median(r["peak_memory_bytes"] for r in runs),

@@ -55,8 +55,10 @@ def test_overhead(tmp_path):
     assert row["extra_policy_forwards_per_step"] == 0 and row["extra_forward_share"] == 0
     assert row["r2m_capture_ms"] > 0 and row["r2m_update_ms"] > 0
     assert row["round_ratio_min"] == row["round_ratio_max"] == pytest.approx(row["step_time_ratio"])  # one round
-    assert row["update_and_capture_share"] == pytest.approx(
-        (row["r2m_update_ms"] + row["r2m_capture_ms"]) / (1000 * row["r2m_step_s"]))
+    assert row["vanilla_reward_ms"] > 0 and row["r2m_reward_ms"] > 0
+    assert row["timed_sections_ratio"] == pytest.approx(1 + (
+        row["r2m_reward_ms"] - row["vanilla_reward_ms"] + row["r2m_update_ms"] + row["r2m_capture_ms"])
+        / (1000 * row["vanilla_step_s"]))
     # tiny preset: 2 prompts x 2 generations, 8 prompt tokens + at most 8 completion tokens, hidden size 32, fp32
     stored = round(row["stored_hidden_mb"] * 2**20)
     assert stored % (32 * 4) == 0 and 4 * 8 * 32 * 4 <= stored <= 4 * 15 * 32 * 4
