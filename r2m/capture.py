@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-
 # The KV cache argument of a transformers model body: ``past_key_values`` before transformers 5.24, ``cache`` since.
 CACHE_ARGUMENTS = ("past_key_values", "cache")
 
