@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import r2m
 from r2m.benchmarks.lab import run_once
+from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.capture import find_backbone
 from r2m.config import R2MConfig
@@ -57,8 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r2m bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/accuracy")
-    p.add_argument("--quick", action="store_true", help="defaults of " + ", ".join(
-        f"--{k} {v}" for k, v in QUICK.items()) + " (flags given explicitly still apply)")
+    add_quick(p, QUICK)
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
     p.add_argument("--steps", type=int, help=f"GRPO steps of the lab run (default {DEFAULTS['steps']})")
     p.add_argument("--pairs", type=int, help=f"held-out pairs per test set (default {DEFAULTS['pairs']})")
@@ -68,9 +68,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    resolve_defaults(args, QUICK, DEFAULTS, args.quick)
     seeds, steps, count = args.seeds, args.steps, args.pairs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

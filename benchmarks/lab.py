@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r2m import tiny
+from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.config import MODES
 from r2m.integrations.trl.lab_grpo import LabRunConfig, train_variant
@@ -102,8 +103,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
-    p.add_argument("--quick", action="store_true", help="defaults of " + ", ".join(
-        f"--{k} {v}" for k, v in QUICK.items()) + " (flags given explicitly still apply)")
+    add_quick(p, QUICK)
     p.add_argument("--variants", help=f"comma-separated, from {MODES} (default {DEFAULTS['variants']})")
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
     p.add_argument("--steps", type=int, help=f"GRPO steps per run (default {DEFAULTS['steps']})")
@@ -121,9 +121,7 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
 def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = "benchmarks/results/lab",
          quick: bool = False) -> int:
     options = parser(prog, out).parse_args(argv)
-    for key, value in (QUICK if options.quick or quick else DEFAULTS).items():
-        if getattr(options, key) is None:
-            setattr(options, key, value)
+    resolve_defaults(options, QUICK, DEFAULTS, options.quick or quick)
     variants = [v.strip() for v in options.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in MODES]
     if unknown:

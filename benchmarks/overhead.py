@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 
 PRESETS = {
@@ -42,6 +43,9 @@ PRESETS = {
             "completion_tokens": 512, "prompts": 8, "generations": 4, "vocab_words": 32000,
             "architecture": {"num_heads": 16, "num_kv_heads": 4, "intermediate_size": 4864, "max_positions": 2048}},
 }
+TRAINERS = ("grpo", "rloo")
+QUICK = {"trainers": "grpo", "steps": 4, "rounds": 1}
+DEFAULTS = {"trainers": "grpo,rloo", "steps": 8, "rounds": 3}
 # What R2M trains costs its weights, their gradients and Adam's two moments.
 TRAINED_STATE_COPIES = 4
 MEMORY_TARGET = 1.1
@@ -174,11 +178,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r2m bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    p.add_argument("--trainers", default="grpo,rloo")
-    p.add_argument("--steps", type=int, default=8, help="steps per run (the first --warmup are not timed)")
+    p.add_argument("--trainers", help=f"comma-separated, from {TRAINERS} (default {DEFAULTS['trainers']})")
+    p.add_argument("--steps", type=int,
+                   help=f"steps per run, the first --warmup not timed (default {DEFAULTS['steps']})")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3, help="A/B rounds per trainer")
-    p.add_argument("--quick", action="store_true", help="GRPO only, 1 round of 4 steps")
+    p.add_argument("--rounds", type=int, help=f"A/B rounds per trainer (default {DEFAULTS['rounds']})")
+    add_quick(p, QUICK)
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/overhead-<preset>)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
@@ -189,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("R2M_RESULT " + json.dumps(child(ChildRun(**json.loads(args.child)))))
         return 0
-    trainers = ["grpo"] if args.quick else [t.strip() for t in args.trainers.split(",")]
-    steps, rounds = (4, 1) if args.quick else (args.steps, args.rounds)
-    warmup = min(args.warmup, steps - 1)
+    resolve_defaults(args, QUICK, DEFAULTS, args.quick)
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    if not trainers or any(t not in TRAINERS for t in trainers):
+        raise SystemExit(f"r2m bench overhead: --trainers must name some of {TRAINERS}, got {args.trainers!r}")
+    steps, rounds, warmup = args.steps, args.rounds, args.warmup
+    if rounds < 1 or not 0 <= warmup < steps:
+        raise SystemExit(f"r2m bench overhead: needs --rounds >= 1 and 0 <= --warmup < --steps, got --rounds "
+                         f"{rounds}, --warmup {warmup}, --steps {steps}")
     results: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as work, tqdm(total=len(trainers) * rounds * 2, desc="overhead runs") as bar:
         for trainer in trainers:

@@ -67,6 +67,13 @@ def test_overhead(tmp_path):
     assert row["within_memory_target"] == (row["extra_peak_mb"] <= row["memory_budget_mb"])
 
 
+def test_overhead_refuses_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--trainers must name some of"):
+        overhead.main(["--trainers", "grpo,ppo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="0 <= --warmup < --steps"):
+        overhead.main(["--steps", "2", "--warmup", "2", "--out", str(tmp_path)])
+
+
 def test_gpu_overhead_preset_models_have_about_half_a_billion_parameters():
     with torch.device("meta"):
         _, policy, reward_model = overhead.build_models("gpu", seed=0)
