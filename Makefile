@@ -4,15 +4,16 @@ PIP := $(PYTHON) -m pip
 .PHONY: install install-openrlhf demo test device-wheels
 
 # torch first, pinned to the local CPU wheel when none is installed: a looser requirement pulls a CUDA build.
+# constraints.txt: the tested versions of everything else.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[all]"
+	$(PIP) install -c constraints.txt -e ".[all]"
 
 # OpenRLHF 0.11.2's pins cannot resolve here: it goes in without its dependencies, DeepSpeed without its ops.
 install-openrlhf: install
-	$(PIP) install -e ".[openrlhf]"
+	$(PIP) install -c constraints.txt -e ".[openrlhf]"
 	$(PIP) install --no-deps openrlhf==0.11.2
-	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.6
+	DS_BUILD_OPS=0 $(PIP) install -c constraints.txt --no-build-isolation deepspeed==0.19.6
 
 demo: install
 	$(PYTHON) -m r2m demo --out out/demo
