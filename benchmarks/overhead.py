@@ -271,10 +271,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [r["vanilla_step_s"] for r in rows], width=0.4, label="vanilla RM")
     ax.bar([i + 0.2 for i in x], [r["r2m_step_s"] for r in rows], width=0.4, label="R2M")
     for i, r in enumerate(rows):
-        ax.annotate(f"x{r['step_time_ratio']:.3f}", (i + 0.2, r["r2m_step_s"]), ha="center", va="bottom")
+        ax.annotate(f"x{r['step_time_ratio']:.3f}\nrounds {r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}\n"
+                    f"timed sections x{r['timed_sections_ratio']:.3f}", (i + 0.2, r["r2m_step_s"]), ha="center",
+                    va="bottom", fontsize=8)
     ax.set_xticks(list(x), [r["trainer"].upper() for r in rows])
+    ax.margins(y=0.25)
     ax.set(ylabel="median step time (s)", title="R2M overhead per training step")
-    ax.legend()
+    ax.legend(loc="lower center")
     save_figure(fig, path)
 
 
