@@ -35,7 +35,7 @@ DEFAULTS = {"seeds": 3, "steps": 300, "variants": ",".join(VARIANTS)}
 
 @dataclass
 class LabResult:
-    run: dict
+    record: dict
     policy: torch.nn.Module
     r2m: R2MRewardModel
     initial_policy: Path
@@ -121,7 +121,8 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
 def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = "benchmarks/results/lab",
          quick: bool = False) -> int:
     options = parser(prog, out).parse_args(argv)
-    resolve_defaults(options, QUICK, DEFAULTS, options.quick or quick)
+    options.quick = options.quick or quick
+    resolve_defaults(options, QUICK, DEFAULTS, options.quick)
     variants = [v.strip() for v in options.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in MODES]
     if unknown:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = 
                 progress.set_postfix(variant=variant, seed=seed)
                 run = LabRunConfig(steps=options.steps, seed=seed, r2m_lr=options.r2m_lr,
                                    omega_min=options.omega_min)
-                runs[variant][seed] = run_once(variant, run, world, proxy, Path(tmp)).run
+                runs[variant][seed] = run_once(variant, run, world, proxy, Path(tmp)).record
                 progress.update()
     rows = summarise(runs)
     columns = ["variant", "seeds", "gold_end", "gold_end_sd", "gold_peak", "gold_peak_sd", "proxy_end", "trained_end",

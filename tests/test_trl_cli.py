@@ -76,7 +76,7 @@ def test_demo_is_the_quick_lab_and_writes_table_plot_and_curves(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| vanilla |" in printed and "| r2m |" in printed
     results = json.loads((tmp_path / "lab.json").read_text())
-    assert results["args"]["quick"] is False and results["args"]["seeds"] == 1 and results["args"]["steps"] == 3
+    assert results["args"]["quick"] is True and results["args"]["seeds"] == 1 and results["args"]["steps"] == 3
     assert set(results["runs"]) == {"vanilla", "r2m"}
     assert all(len(run["0"]["curve"]) == 3 for run in results["runs"].values())
     assert [row["variant"] for row in results["summary"]] == ["vanilla", "r2m"]
