@@ -1,8 +1,10 @@
 """`r2m bench overhead`: what R2M costs per training step in TRL, against the plain reward model.
 
 For GRPOTrainer and RLOOTrainer, runs the same training (same seeds, same models) with the reward model passed
-to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), alternating A/B runs in fresh processes so the
-ratio comes from one session (on CPU with one torch thread, also as process CPU time). Reports the median step
+to TRL directly (`vanilla`) and wrapped by `R2MReward` (`r2m`), in rounds of A/B pairs of fresh processes: on a
+CPU machine with two cores or more the pair runs side by side, one torch thread each, so that both see the same
+machine load (a shared machine's speed drifts by tens of percent within minutes); on GPU, or with `--sequential`,
+one after the other. Step times are also reported as process CPU time on CPU. Reports the median step
 time after warm-up, the R2M update time, the host time spent capturing policy states, the time of the trainer's
 reward computation (and, from these three timed sections, an upper bound of the step-time ratio: the stitching
 done inside the reward call is counted twice), the share of batches whose hidden states needed an extra policy
@@ -25,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +50,7 @@ PRESETS = {
             "architecture": {"num_heads": 16, "num_kv_heads": 4, "intermediate_size": 4864, "max_positions": 2048}},
 }
 TRAINERS = ("grpo", "rloo")
+VARIANTS = ("vanilla", "r2m")
 QUICK = {"trainers": "grpo", "steps": 4, "rounds": 1}
 DEFAULTS = {"trainers": "grpo,rloo", "steps": 8, "rounds": 3}
 # What R2M trains costs its weights, their gradients and Adam's two moments.
@@ -112,11 +116,7 @@ def _train(run: ChildRun) -> dict:
         torch.set_num_threads(1)  # two intra-op threads on two shared cores make wall times swing several-fold
     work = Path(run.work_dir)
     policy_dir = work / "policy"
-    tokenizer, policy, reward_model = build_models(run.preset, run.seed, with_policy=not policy_dir.exists())
-    if policy is not None:
-        policy.save_pretrained(policy_dir)
-        tokenizer.save_pretrained(policy_dir)
-        del policy
+    tokenizer, _, reward_model = build_models(run.preset, run.seed, with_policy=False)
     words = [f"w{i}" for i in range(p["vocab_words"])]
     generator = torch.Generator().manual_seed(run.seed)
     prompts = [" ".join(words[i] for i in torch.randint(len(words), (p["prompt_tokens"],), generator=generator)) + " "
@@ -207,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, help=f"A/B rounds per trainer (default {DEFAULTS['rounds']})")
     add_quick(p, QUICK)
+    p.add_argument("--sequential", action="store_true",
+                   help="on CPU, run each A/B pair one after the other instead of side by side (one core each)")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/overhead-<preset>)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
@@ -225,32 +227,34 @@ def main(argv: list[str] | None = None) -> int:
     if rounds < 1 or not 0 <= warmup < steps:
         raise SystemExit(f"r2m bench overhead: needs --rounds >= 1 and 0 <= --warmup < --steps, got --rounds "
                          f"{rounds}, --warmup {warmup}, --steps {steps}")
+    on_cpu = not torch.cuda.is_available()
+    concurrent = on_cpu and not args.sequential and (os.cpu_count() or 1) >= 2
     results: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory() as work, tqdm(total=len(trainers) * rounds * 2, desc="overhead runs") as bar:
+    allocated: dict[tuple[str, str], int] = {}
+    pairs = len(trainers) * (rounds + on_cpu)
+    with tempfile.TemporaryDirectory() as work, tqdm(total=pairs, desc="overhead A/B pairs") as bar:
+        _save_policy(args.preset, 0, Path(work) / "policy")
         for trainer in trainers:
             for _ in range(rounds):
-                for variant in ("vanilla", "r2m"):
-                    bar.set_postfix(trainer=trainer, variant=variant)
-                    run = ChildRun(trainer, variant, args.preset, steps, warmup, 0, work)
-                    results.setdefault((trainer, variant), []).append(_spawn(run))
-                    bar.update()
-        allocated = {}
-        if not torch.cuda.is_available():
-            bar.total += 2 * len(trainers)
-            for trainer in trainers:
-                for variant in ("vanilla", "r2m"):
-                    bar.set_postfix(trainer=trainer, variant=variant, counting="allocations")
-                    run = ChildRun(trainer, variant, args.preset, steps, warmup, 0, work, count_allocations=True)
-                    allocated[(trainer, variant)] = _spawn(run)["peak_allocated_bytes"]
-                    bar.update()
+                bar.set_postfix(trainer=trainer)
+                run = ChildRun(trainer, "", args.preset, steps, warmup, 0, work)
+                for variant, result in _run_pair(run, concurrent):
+                    results.setdefault((trainer, variant), []).append(result)
+                bar.update()
+            if on_cpu:
+                bar.set_postfix(trainer=trainer, counting="allocations")
+                run = ChildRun(trainer, "", args.preset, steps, warmup, 0, work, count_allocations=True)
+                for variant, result in _run_pair(run, concurrent):
+                    allocated[(trainer, variant)] = result["peak_allocated_bytes"]
+                bar.update()
     rows = []
     for trainer in trainers:
-        base, r2m = (_merge(results[(trainer, v)]) for v in ("vanilla", "r2m"))
+        base, r2m = (_merge(results[(trainer, v)]) for v in VARIANTS)
         budget = MEMORY_TARGET * (r2m["stored"] + r2m["trained"])
         base_allocated, r2m_allocated = (allocated.get((trainer, v), merged["allocated"])
                                          for v, merged in (("vanilla", base), ("r2m", r2m)))
         extra_peak = r2m_allocated - base_allocated
-        # each round runs vanilla then r2m back to back: their ratio is the least exposed to machine drift
+        # the two runs of a round share the machine's conditions: their ratio is the least exposed to its drift
         paired = [statistics.median(a["step_times"]) / statistics.median(b["step_times"])
                   for b, a in zip(results[(trainer, "vanilla")], results[(trainer, "r2m")], strict=True)]
         rows.append({"trainer": trainer, "vanilla_step_s": base["step_s"], "r2m_step_s": r2m["step_s"],
@@ -271,13 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     columns = list(rows[0])
     table = markdown_table(rows, columns)
     out = write_results(args.out or f"benchmarks/results/overhead-{args.preset}", "overhead",
-                        {"args": vars(args), "preset": PRESETS[args.preset], "summary": rows,
+                        {"args": vars(args), "preset": PRESETS[args.preset], "pairs_side_by_side": concurrent,
+                         "summary": rows,
                          "runs": {f"{t}-{v}": r for (t, v), r in results.items()},
                          "allocation_count_runs": {f"{t}-{v}": b for (t, v), b in allocated.items()}}, table)
     _plot(rows, out / "overhead.png")
     print(table)
     print(f"wrote {out / 'overhead.json'}, {out / 'overhead.md'}, {out / 'overhead.png'}")
     return 0
+
+
+def _save_policy(preset: str, seed: int, path: Path) -> None:
+    tokenizer, policy, _ = build_models(preset, seed)
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _run_pair(run: ChildRun, concurrent: bool) -> list[tuple[str, dict]]:
+    """`run` as vanilla then R2M, or both at once (one core each: they see the same machine load)."""
+    runs = [replace(run, variant=variant) for variant in VARIANTS]
+    if not concurrent:
+        return [(r.variant, _spawn(r)) for r in runs]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(zip(VARIANTS, pool.map(_spawn, runs), strict=True))
 
 
 def _spawn(run: ChildRun) -> dict:

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny settings and write JSON, markdown and PNG."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -47,10 +48,14 @@ def test_accuracy(tmp_path):
 
 
 @pytest.mark.slow
-def test_overhead(tmp_path):
+@pytest.mark.parametrize("pairing", [[], ["--sequential"]], ids=["side-by-side", "sequential"])
+def test_overhead(tmp_path, pairing):
     assert overhead.main(["--preset", "tiny", "--trainers", "grpo", "--steps", "3", "--warmup", "1", "--rounds", "1",
-                          "--out", str(tmp_path)]) == 0
-    row = outputs(tmp_path, "overhead")["summary"][0]
+                          "--out", str(tmp_path), *pairing]) == 0
+    payload = outputs(tmp_path, "overhead")
+    side_by_side_possible = not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2
+    assert payload["pairs_side_by_side"] == (side_by_side_possible and not pairing)
+    row = payload["summary"][0]
     assert row["step_time_ratio"] == pytest.approx(row["r2m_step_s"] / row["vanilla_step_s"])
     assert row["extra_policy_forwards_per_step"] == 0 and row["extra_forward_share"] == 0
     assert row["r2m_capture_ms"] > 0 and row["r2m_update_ms"] > 0
