@@ -325,18 +325,31 @@ def _merge(runs: list[dict]) -> dict:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    fig, ax = subplots(figsize=(6, 3.5))
+    fig, (time_ax, memory_ax) = subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["vanilla_step_s"] for r in rows], width=0.4, label="vanilla RM")
-    ax.bar([i + 0.2 for i in x], [r["r2m_step_s"] for r in rows], width=0.4, label="R2M")
+    names = [r["trainer"].upper() for r in rows]
+    time_ax.bar([i - 0.2 for i in x], [r["vanilla_step_s"] for r in rows], width=0.4, label="vanilla RM")
+    time_ax.bar([i + 0.2 for i in x], [r["r2m_step_s"] for r in rows], width=0.4, label="R2M")
     for i, r in enumerate(rows):
-        ax.annotate(f"x{r['step_time_ratio']:.3f}\nrounds {r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}\n"
-                    f"timed sections x{r['timed_sections_ratio']:.3f}", (i + 0.2, r["r2m_step_s"]), ha="center",
-                    va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [r["trainer"].upper() for r in rows])
-    ax.margins(y=0.25)
-    ax.set(ylabel="median step time (s)", title="R2M overhead per training step")
-    ax.legend(loc="lower center")
+        time_ax.annotate(f"x{r['step_time_ratio']:.3f}\nrounds {r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f}\n"
+                         f"timed sections x{r['timed_sections_ratio']:.3f}", (i + 0.2, r["r2m_step_s"]),
+                         ha="center", va="bottom", fontsize=8)
+    time_ax.set_xticks(list(x), names)
+    time_ax.margins(y=0.25)
+    time_ax.set(ylabel="median step time (s)", title="time per training step")
+    time_ax.legend(loc="lower center")
+    memory_ax.bar([i - 0.2 for i in x], [r["extra_peak_mb"] for r in rows], width=0.4, color="tab:red",
+                  label="measured extra peak")
+    memory_ax.bar([i + 0.2 for i in x], [r["stored_hidden_mb"] for r in rows], width=0.4, color="tab:gray",
+                  label="stored hidden states")
+    memory_ax.bar([i + 0.2 for i in x], [r["trained_state_mb"] for r in rows], width=0.4, color="silver",
+                  bottom=[r["stored_hidden_mb"] for r in rows], label="trained state")
+    memory_ax.hlines([r["memory_budget_mb"] for r in rows], [i - 0.45 for i in x], [i + 0.45 for i in x],
+                     colors="black", linestyles="dashed", label="target: 1.1 x (stored + trained)")
+    memory_ax.set_xticks(list(x), names)
+    memory_ax.set_ylim(top=1.6 * max(max(r["memory_budget_mb"], r["extra_peak_mb"]) for r in rows))
+    memory_ax.set(ylabel="MB (allocated tensors)", title="R2M's extra peak memory")
+    memory_ax.legend(loc="upper center", ncol=2, fontsize=7)
     save_figure(fig, path)
 
 
