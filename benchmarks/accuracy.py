@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    resolve_defaults(args, QUICK, DEFAULTS, args.quick)
+    resolve_defaults(args, QUICK, DEFAULTS)
     seeds, steps, count = args.seeds, args.steps, args.pairs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = 
          quick: bool = False) -> int:
     options = parser(prog, out).parse_args(argv)
     options.quick = options.quick or quick
-    resolve_defaults(options, QUICK, DEFAULTS, options.quick)
+    resolve_defaults(options, QUICK, DEFAULTS)
     variants = [v.strip() for v in options.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in MODES]
     if unknown:

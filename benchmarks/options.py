@@ -11,9 +11,8 @@ def add_quick(parser: argparse.ArgumentParser, quick: dict[str, object]) -> None
     parser.add_argument("--quick", action="store_true", help=f"defaults of {values} (flags given still apply)")
 
 
-def resolve_defaults(options: argparse.Namespace, quick: dict[str, object], defaults: dict[str, object],
-                     use_quick: bool) -> None:
-    """Fill the options left at None from ``quick`` or ``defaults``."""
-    for name, value in (quick if use_quick else defaults).items():
+def resolve_defaults(options: argparse.Namespace, quick: dict[str, object], defaults: dict[str, object]) -> None:
+    """Fill the options left at None from ``quick`` (when ``options.quick``) or ``defaults``."""
+    for name, value in (quick if options.quick else defaults).items():
         if getattr(options, name) is None:
             setattr(options, name, value)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("R2M_RESULT " + json.dumps(child(ChildRun(**json.loads(args.child)))))
         return 0
-    resolve_defaults(args, QUICK, DEFAULTS, args.quick)
+    resolve_defaults(args, QUICK, DEFAULTS)
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     if not trainers or any(t not in TRAINERS for t in trainers):
         raise SystemExit(f"r2m bench overhead: --trainers must name some of {TRAINERS}, got {args.trainers!r}")
@@ -231,21 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     concurrent = on_cpu and not args.sequential and (os.cpu_count() or 1) >= 2
     results: dict[tuple[str, str], list[dict]] = {}
     allocated: dict[tuple[str, str], int] = {}
-    pairs = len(trainers) * (rounds + on_cpu)
+    pairs = len(trainers) * (rounds + (1 if on_cpu else 0))  # on CPU, one more pair counts allocations
     with tempfile.TemporaryDirectory() as work, tqdm(total=pairs, desc="overhead A/B pairs") as bar:
         _save_policy(args.preset, 0, Path(work) / "policy")
         for trainer in trainers:
             for _ in range(rounds):
                 bar.set_postfix(trainer=trainer)
-                run = ChildRun(trainer, "", args.preset, steps, warmup, 0, work)
-                for variant, result in _run_pair(run, concurrent):
-                    results.setdefault((trainer, variant), []).append(result)
+                runs = [ChildRun(trainer, variant, args.preset, steps, warmup, 0, work) for variant in VARIANTS]
+                for run, result in zip(runs, _run_pair(runs, concurrent), strict=True):
+                    results.setdefault((trainer, run.variant), []).append(result)
                 bar.update()
             if on_cpu:
                 bar.set_postfix(trainer=trainer, counting="allocations")
-                run = ChildRun(trainer, "", args.preset, steps, warmup, 0, work, count_allocations=True)
-                for variant, result in _run_pair(run, concurrent):
-                    allocated[(trainer, variant)] = result["peak_allocated_bytes"]
+                runs = [ChildRun(trainer, variant, args.preset, steps, warmup, 0, work, count_allocations=True)
+                        for variant in VARIANTS]
+                for run, result in zip(runs, _run_pair(runs, concurrent), strict=True):
+                    allocated[(trainer, run.variant)] = result["peak_allocated_bytes"]
                 bar.update()
     rows = []
     for trainer in trainers:
@@ -291,13 +292,12 @@ def _save_policy(preset: str, seed: int, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _run_pair(run: ChildRun, concurrent: bool) -> list[tuple[str, dict]]:
-    """`run` as vanilla then R2M, or both at once (one core each: they see the same machine load)."""
-    runs = [replace(run, variant=variant) for variant in VARIANTS]
+def _run_pair(runs: list[ChildRun], concurrent: bool) -> list[dict]:
+    """The runs' results: one after the other, or all at once (one core each: they see the same machine load)."""
     if not concurrent:
-        return [(r.variant, _spawn(r)) for r in runs]
+        return [_spawn(run) for run in runs]
     with ThreadPoolExecutor(len(runs)) as pool:
-        return list(zip(VARIANTS, pool.map(_spawn, runs), strict=True))
+        return list(pool.map(_spawn, runs))
 
 
 def _spawn(run: ChildRun) -> dict:

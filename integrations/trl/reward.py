@@ -133,7 +133,6 @@ class R2MReward(TrainerCallback):
         self._pending: list[_Batch] = []
         self._micro_steps = 0
         self._calls = 0
-        self._capture_seconds = 0.0
         self._resume_dir: Path | None = None
         self._log_metric: Callable[[str, float], None] | None = None
         self._queued_metrics: dict[str, list[float]] = defaultdict(list)
@@ -153,8 +152,9 @@ class R2MReward(TrainerCallback):
             self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
         states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
-        capture_seconds = self._capture.seconds if self._capture is not None else 0.0
-        capture_ms, self._capture_seconds = 1000 * (capture_seconds - self._capture_seconds), capture_seconds
+        capture_ms = 0.0
+        if self._capture is not None:  # its time since the previous generation batch
+            capture_ms, self._capture.seconds = 1000 * self._capture.seconds, 0.0
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
         hidden, cu_seqlens = _packed(states)
         rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
@@ -218,7 +218,6 @@ class R2MReward(TrainerCallback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
-        self._capture_seconds = 0.0
         if self.config.uses_fusion:
             self.capture_plan = capture_plan(args)
             self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
