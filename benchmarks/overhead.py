@@ -180,7 +180,7 @@ def _train(run: ChildRun) -> dict:
     logs = [h for h in trainer.state.log_history if "r2m/omega" in h][run.warmup:]
     update_ms = [h["r2m/update_ms"] for h in logs if "r2m/update_ms" in h]
     capture_ms = [h["r2m/capture_ms"] for h in logs if "r2m/capture_ms" in h]
-    extra = [h["r2m/capture"] for h in logs if "r2m/capture" in h]
+    extra = [h["r2m/extra_forward_share"] for h in logs if "r2m/extra_forward_share" in h]
     trained = sum(t.nbytes for t in reward.r2m.trainable_parameters()) if reward is not None else 0
     if torch.cuda.is_available():
         peak = allocated = torch.cuda.max_memory_allocated()

@@ -8,9 +8,12 @@ reads) sees three kinds of call:
 - full no-grad forwards (a trainer's log-prob pass, or `HiddenStateCapture.forward`): kept as they are;
 - full forwards with gradients (the training pass): handed to ``on_train_forward`` at once (the refresh).
 
-Per sample the captured positions are the valid tokens except the last one: the S-1 positions a log-prob
-forward scores, which are also exactly the positions ``generate`` runs (the final sampled token is never fed
-back). Padding and tokens after the completion are excluded. A PEFT policy's reference pass (adapters disabled
+Per sample the captured positions are its tokens except the last one: the S-1 positions a log-prob forward
+scores, which are also exactly the positions ``generate`` runs (the final sampled token is never fed back).
+A sample's tokens are the ids the trainer runs for it, from its first attended token to its last token that is
+attended or not padding: a trainer that masks a completion out of attention (TRL's
+``mask_truncated_completions``) still runs its tokens, so the sample keeps its identity (its key is its token
+ids, never its mask). Padding before the prompt and after the completion is excluded. A PEFT policy's reference pass (adapters disabled
 or another adapter active) runs through the same modules and is ignored.
 
 What is handed out is packed (`CapturedStates`): one gather of the valid positions per captured pass, with the
@@ -173,15 +176,18 @@ class HiddenStateCapture:
     """Forward hook on a causal LM's body that keeps the policy's last-layer hidden states.
 
     ``offload`` moves what is handed out to CPU. ``keep_generation`` / ``keep_forwards`` choose what is stored
-    between `pop_*` calls (the refresh listener ``on_train_forward`` is called either way). ``seconds`` adds up
+    between `pop_*` calls (the refresh listener ``on_train_forward`` is called either way). ``pad_token_id`` (the
+    policy tokenizer's) tells padding from masked-out tokens; without it a sample's tokens are the attended ones,
+    and `forward` pads with it. ``seconds`` adds up
     the host time spent in the hook (the refresh listener included), in `pop_*` and in `forward`; device work
     it queued but did not wait for is not in it.
     """
 
     def __init__(self, model: nn.Module, module: nn.Module | None = None, offload: bool = False,
                  keep_generation: bool = True, keep_forwards: bool = True,
-                 on_train_forward: Callable[[CapturedStates], None] | None = None):
+                 on_train_forward: Callable[[CapturedStates], None] | None = None, pad_token_id: int | None = None):
         self.model = model
+        self.pad_token_id = pad_token_id
         self.module = find_backbone(model) if module is None else module
         self.offload = offload
         self.keep_generation, self.keep_forwards = keep_generation, keep_forwards
@@ -268,12 +274,12 @@ class HiddenStateCapture:
             return CapturedStates.none_found(count)
         parts, start = [], 0
         for record in chosen:
-            mask = record.attention_mask.bool().cpu()
-            size = mask.shape[0]
-            row_tokens = [None] * size if record.input_ids is None else _row_tokens(record.input_ids.cpu(), mask)
+            span = self._span(record.input_ids, record.attention_mask)
+            size = span.shape[0]
+            row_tokens = [None] * size if record.input_ids is None else _row_tokens(record.input_ids.cpu(), span)
             ok = [t is not None and len(c) > 0 and t[-len(c):] == tuple(c)
                   for t, c in zip(row_tokens, completions[start:start + size], strict=True)]
-            packed, kept = _gather(record.hidden, _valid_but_last(mask) & torch.tensor(ok)[:, None])
+            packed, kept = _gather(record.hidden, _valid_but_last(span) & torch.tensor(ok)[:, None])
             parts.append(CapturedStates(packed, _offsets(kept),
                                         [t if found else None for t, found in zip(row_tokens, ok, strict=True)]))
             start += size
@@ -284,29 +290,43 @@ class HiddenStateCapture:
 
     @_timed
     @torch.no_grad()
-    def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None) -> CapturedStates:
+    def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None, calls: int | None = None,
+                model: nn.Module | None = None) -> CapturedStates:
         """No-grad forwards of the policy on full token sequences (right padded, ``batch_size`` rows at a time),
-        captured by the same hook; returns their states."""
-        if not sequences or any(len(s) == 0 for s in sequences):
-            raise ValueError("forward needs at least one sequence and no empty sequence")
-        batch_size = batch_size or len(sequences)
+        captured by the same hook; returns their states.
+
+        ``calls``: run exactly this many forwards (at least as many as the chunks need), the surplus on a one-token
+        sequence whose states are dropped: a sharded model's forward is a collective, so every rank must run the
+        same number. ``model``: what to call (default: the model given at construction), e.g. the trainer's
+        prepared model when it wraps the one the hook sits in.
+        """
+        if any(len(s) == 0 for s in sequences) or not (sequences or calls):
+            raise ValueError("forward needs at least one sequence (or calls) and no empty sequence")
+        batch_size = batch_size or max(len(sequences), 1)
+        chunks = [[list(s) for s in sequences[i:i + batch_size]] for i in range(0, len(sequences), batch_size)]
+        if calls is not None and calls < len(chunks):
+            raise ValueError(f"forward: calls={calls} is fewer than the {len(chunks)} chunks the sequences need")
+        model = self.model if model is None else model
         device = next(self.module.parameters()).device
-        accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_unwrap(self.model).forward).parameters
+        accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        pad = 0 if self.pad_token_id is None else self.pad_token_id
         keep, self.keep_forwards = self.keep_forwards, True
         previous, self._forwards = self._forwards, []
         attached = self._handle is not None
         parts = []
         try:
             self.attach()
-            for start in range(0, len(sequences), batch_size):
-                chunk = [list(s) for s in sequences[start:start + batch_size]]
+            for index in range(len(chunks) if calls is None else calls):
+                chunk = chunks[index] if index < len(chunks) else [[pad]]
                 width = max(len(s) for s in chunk)
-                input_ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk]).to(device)
+                input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk]).to(device)
                 attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk]).to(device)
                 kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep else {}
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-                parts.append(self.pop_forwards(chunk))
-            return CapturedStates.concat(parts)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+                states = self.pop_forwards(chunk)
+                if index < len(chunks):
+                    parts.append(states)
+            return CapturedStates.concat(parts) if parts else CapturedStates.none_found(0)
         finally:
             self.keep_forwards, self._forwards = keep, previous
             if not attached:
@@ -333,12 +353,23 @@ class HiddenStateCapture:
                 self._generation.append(_Forward(input_ids, None, hidden))
         elif torch.is_grad_enabled() and module.training:
             if self.on_train_forward is not None and input_ids is not None:
-                mask = _full_mask(mask, hidden).bool().cpu()
-                packed, kept = _gather(hidden, _valid_but_last(mask))
+                span = self._span(input_ids, _full_mask(mask, hidden))
+                packed, kept = _gather(hidden, _valid_but_last(span))
                 self.on_train_forward(CapturedStates(self._keep(packed), _offsets(kept),
-                                                     _row_tokens(input_ids.cpu(), mask)))
+                                                     _row_tokens(input_ids.cpu(), span)))
         elif self.keep_forwards:
             self._forwards.append(_Forward(input_ids, _full_mask(mask, hidden), hidden))
+
+    def _span(self, input_ids: Tensor | None, mask: Tensor) -> Tensor:
+        """[B, S] bool (CPU): each row's tokens as the trainer runs them, from its first attended position to its
+        last position that is attended or not padding."""
+        mask = mask.bool().cpu()
+        if input_ids is None or self.pad_token_id is None:
+            return mask
+        positions = torch.arange(mask.shape[1])
+        first = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), mask.shape[1])
+        last = (positions * (mask | (input_ids.cpu() != self.pad_token_id))).argmax(dim=1)
+        return (positions[None, :] >= first[:, None]) & (positions[None, :] <= last[:, None])
 
     def _is_reference_pass(self) -> bool:
         return self._tuner is not None and (bool(self._tuner.disable_adapters)

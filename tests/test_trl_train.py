@@ -17,7 +17,7 @@ import trl_tiny
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 R2M_METRICS = ("r2m/loss", "r2m/bt", "r2m/gre", "r2m/omega", "r2m/reward_mean", "r2m/vanilla_reward_mean",
-               "r2m/groups_skipped", "r2m/update_ms", "r2m/capture", "r2m/capture_ms")
+               "r2m/groups_skipped", "r2m/update_ms", "r2m/extra_forward_share", "r2m/capture_ms")
 
 
 def config(**overrides):
@@ -78,7 +78,7 @@ def test_training_run(kind, tmp_path):
         assert len(logged(trainer, key)) == 4, key
     for step, value in logged(trainer, "r2m/omega"):  # rewards of log step s were computed at global_step s - 1
         assert value == pytest.approx(r2m.omega(step - 1, 4, 0.6))
-    assert [v for _, v in logged(trainer, "r2m/capture")] == [0.0] * 4
+    assert [v for _, v in logged(trainer, "r2m/extra_forward_share")] == [0.0] * 4
     assert all(v > 0 for _, v in logged(trainer, "r2m/capture_ms"))
     # each batch is updated on before the next is scored: what is held is that batch's S - 1 states per sample
     for prompts, completion_ids, held in stored:
@@ -127,7 +127,7 @@ def test_extra_forward_when_the_trainer_runs_none(tmp_path):
     trainer = train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2,
                     use_transformers_continuous_batching=True)
     assert reward.capture_plan == "extra" and reward.extra_forwards == 2
-    assert [v for _, v in logged(trainer, "r2m/capture")] == [1.0, 1.0]
+    assert [v for _, v in logged(trainer, "r2m/extra_forward_share")] == [1.0, 1.0]
     # the training pass saw exactly the token sequences of the extra forward: every sample was refreshed
     assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
 

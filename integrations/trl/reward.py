@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 
 from r2m.adapters import GenerativeJudge
 from r2m.base import R2MModule
+from r2m.buffer import Rollout, RolloutStore, agree
 from r2m.capture import CapturedStates, HiddenStateCapture
 from r2m.config import R2MConfig
 from r2m.judge_model import R2MJudgeModel
@@ -39,21 +42,17 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "r2m"
 CAPTURE_SOURCES = ("forward", "generation", "extra")
-UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "update_ms")
+UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "update_ms")
 
 
 @dataclass
-class _Batch:
-    """One training generation batch of this process, kept until the policy has finished optimising on it."""
+class _Scored:
+    """What the update needs of a scored training batch besides its policy states (a `Rollout`'s payload)."""
 
     rte: Tensor
-    states: CapturedStates | None
     rewards: Tensor
     base_rewards: Tensor | None
     step: int
-    start: int
-    keys: dict[tuple[int, ...], list[int]]
-    refreshed: set[int] = field(default_factory=set)
 
 
 class R2MReward(TrainerCallback):
@@ -77,12 +76,15 @@ class R2MReward(TrainerCallback):
     and its group is skipped in the update.
 
     Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's
-    own score), ``r2m/omega`` (w(t)), ``r2m/capture`` (share of samples whose hidden states needed an extra policy
-    forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation batch:
+    own score), ``r2m/omega`` (w(t)), ``r2m/extra_forward_share`` (share of samples whose hidden states needed an
+    extra policy forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation batch:
     hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
     ``r2m/hidden_nonfinite`` (samples scored with the vanilla reward because their hidden states were not finite)
-    and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/update_ms`` and
-    ``r2m/refreshed`` (share of samples whose states came from the training pass).
+    and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/groups_degenerate``,
+    ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the training pass).
+
+    After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
+    ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
     """
 
     def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
@@ -129,8 +131,9 @@ class R2MReward(TrainerCallback):
         self._policy: nn.Module | None = None
         self._policy_tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template_kwargs: dict[str, Any] = {}
+        self._device = torch.device("cpu")
         self._group_size = self._generate_every = self._forward_batch_size = 0
-        self._pending: list[_Batch] = []
+        self._store = RolloutStore()
         self._micro_steps = 0
         self._calls = 0
         self._resume_dir: Path | None = None
@@ -150,8 +153,10 @@ class R2MReward(TrainerCallback):
         step = trainer_state.global_step if trainer_state is not None else 0
         if self.r2m.total_steps is None:
             self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
+        trainer = getattr(log_metric, "__self__", None)  # TRL passes its own bound method
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
-        states, extra = (self._policy_states(prompts, completion_ids) if self.config.uses_fusion else (None, 0))
+        states, extra = (self._policy_states(prompts, completion_ids, trainer) if self.config.uses_fusion
+                         else (None, 0))
         capture_ms = 0.0
         if self._capture is not None:  # its time since the previous generation batch
             capture_ms, self._capture.seconds = 1000 * self._capture.seconds, 0.0
@@ -164,15 +169,13 @@ class R2MReward(TrainerCallback):
         training = self._policy.training
         if training:
             self._log_metric = log_metric
-            keys: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            for i, key in enumerate(states.tokens if states is not None else ()):
-                keys[key].append(i)
-            self._pending.append(_Batch(rte, states, torch.where(finite, rewards, torch.nan), base_rewards, step,
-                                        self._micro_steps, dict(keys)))
+            held = states if states is not None else CapturedStates.none_found(len(rewards))
+            self._store.add(held, held.tokens, self._micro_steps + self._generate_every,
+                            _Scored(rte, torch.where(finite, rewards, torch.nan), base_rewards, step))
         if log_metric is not None:
             metrics = {"r2m/reward_mean": _mean(rewards[finite]),
                        "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
-                       "r2m/omega": self.r2m.omega_at(step), "r2m/capture": extra / len(rewards),
+                       "r2m/omega": self.r2m.omega_at(step), "r2m/extra_forward_share": extra / len(rewards),
                        "r2m/capture_ms": capture_ms,
                        "r2m/reward_nonfinite": float((~finite).sum()),
                        "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
@@ -186,8 +189,18 @@ class R2MReward(TrainerCallback):
     @property
     def stored_hidden_bytes(self) -> int:
         """Bytes of policy hidden states held now for the coming updates."""
-        return sum(batch.states.hidden.nbytes for batch in self._pending
-                   if batch.states is not None and batch.states.hidden is not None)
+        return self._store.stored_bytes
+
+    @property
+    def r2m_model(self) -> R2MModule:
+        """The R2M reward being trained (fusion, head and the frozen reward model or judge)."""
+        if self.r2m is None:
+            raise RuntimeError("R2MReward has no R2M model yet: a trainer builds it (pass the object in callbacks=[...])")
+        return self.r2m
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the trained fusion, head and optimizer state (safetensors + JSON) to ``save_directory``."""
+        self.r2m_model.save_pretrained(save_directory)
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the R2M state from a trainer checkpoint directory (or its ``r2m`` subdirectory) when training
@@ -220,12 +233,15 @@ class R2MReward(TrainerCallback):
             self._capture = None
         if self.config.uses_fusion:
             self.capture_plan = capture_plan(args)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
             self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
                                                keep_generation=self.capture_plan == "generation",
                                                keep_forwards=self.capture_plan == "forward",
-                                               on_train_forward=self._refresh).attach()
+                                               on_train_forward=self._refresh,
+                                               pad_token_id=getattr(tokenizer, "pad_token_id", None)).attach()
         self._policy, self._policy_tokenizer = model, processing_class
         self._chat_template_kwargs = dict(args.chat_template_kwargs or {})
+        self._device = args.device
         self._group_size = args.num_generations
         self._generate_every = args.steps_per_generation * args.num_iterations
         self._forward_batch_size = args.per_device_train_batch_size
@@ -234,7 +250,8 @@ class R2MReward(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self.r2m.total_steps = self.config.total_steps or state.max_steps
-        self._pending, self._micro_steps, self._calls = [], 0, 0
+        self._store.clear()
+        self._micro_steps, self._calls = 0, 0
         if self._resume_dir is None and state.global_step > 0:
             self._resume_dir = _find_checkpoint(args, state)
         if self._resume_dir is not None:
@@ -264,7 +281,7 @@ class R2MReward(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        self._pending = []
+        self._store.clear()
 
     # ---- internals -------------------------------------------------------------------------------------------
 
@@ -285,7 +302,8 @@ class R2MReward(TrainerCallback):
         if self.judge is None:
             encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt",
                                      padding=True, padding_side="right", add_special_tokens=False)
-            return self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]), None
+            with _pad_token_id(self.reward_model, self.tokenizer.pad_token_id):
+                return self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]), None
         result = self.judge.score(prompts, completions, **columns)
         self.judge.log(result, log_extra, log_metric)
         base_rewards = torch.tensor([math.nan if r is None else float(r) for r in result.rewards])
@@ -300,9 +318,11 @@ class R2MReward(TrainerCallback):
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
 
-    def _policy_states(self, prompts: list, completion_ids: list[list[int]]) -> tuple[CapturedStates, int]:
-        """The batch's policy states taken from the planned source, the rest from one extra no-grad forward; and
-        how many samples needed it."""
+    def _policy_states(self, prompts: list, completion_ids: list[list[int]], trainer: object
+                       ) -> tuple[CapturedStates, int]:
+        """The batch's policy states taken from the planned source, the rest from extra no-grad forwards; and how
+        many samples needed them. Whether (and how many) extra forwards run is agreed by all processes, since a
+        sharded policy's forward is a collective; they run through the trainer's current (prepared) model."""
         completions = [list(c) for c in completion_ids]
         if self.capture_plan == "forward":
             states = self._capture.pop_forwards(completions)
@@ -313,54 +333,49 @@ class R2MReward(TrainerCallback):
         self._capture.clear()
         missing = states.missing
         self.capture_counts[self.capture_plan] += len(completions) - len(missing)
-        if missing:
-            if self.capture_plan != "extra":
+        calls = agree(math.ceil(len(missing) / self._forward_batch_size), self._device)
+        if calls:
+            if missing and self.capture_plan != "extra":
                 logger.warning("R2M: %d of %d samples were not in the trainer's own %s pass; running one extra "
                                "policy forward for them", len(missing), len(completions), self.capture_plan)
-            prompt_ids = self._prompt_ids([prompts[i] for i in missing])
+            prompt_ids = self._prompt_ids([prompts[i] for i in missing], trainer) if missing else []
             sequences = [list(p) + completions[i] for p, i in zip(prompt_ids, missing, strict=True)]
-            extra = self._capture.forward(sequences, batch_size=self._forward_batch_size)
-            states = extra if len(missing) == len(completions) else states.replace(missing, extra)
+            extra = self._capture.forward(sequences, batch_size=self._forward_batch_size, calls=calls,
+                                          model=getattr(trainer, "model", None))
+            if missing:
+                states = extra if len(missing) == len(completions) else states.replace(missing, extra)
             self.capture_counts["extra"] += len(missing)
-            self.extra_forwards += 1
+            self.extra_forwards += calls
         return states, len(missing)
 
-    def _prompt_ids(self, prompts: list) -> list[list[int]]:
-        """The prompt token ids exactly as TRL's trainers build them for text-only policies."""
+    def _prompt_ids(self, prompts: list, trainer: object) -> list[list[int]]:
+        """The prompt token ids exactly as TRL's trainers build them for text-only policies (with the trainer's
+        tools and chat template)."""
         tokenizer = self._policy_tokenizer
         if is_conversational({"prompt": prompts[0]}):
             return tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True, **self._chat_template_kwargs)["input_ids"]
+                                                 return_dict=True, tools=getattr(trainer, "tools", None) or None,
+                                                 chat_template=getattr(trainer, "chat_template", None),
+                                                 **self._chat_template_kwargs)["input_ids"]
         return tokenizer(text=prompts)["input_ids"]
 
     def _refresh(self, captured: CapturedStates) -> None:
         """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
-        copies: dict[int, tuple[list[int], list[int]]] = {}
-        for source, key in enumerate(captured.tokens):
-            for index in range(len(self._pending) - 1, -1, -1):
-                rows = self._pending[index].keys.get(key)
-                if rows:
-                    targets, sources = copies.setdefault(index, ([], []))
-                    targets += rows
-                    sources += [source] * len(rows)
-                    break
-        for index, (targets, sources) in copies.items():
-            batch = self._pending[index]
-            batch.states.copy_samples_(targets, captured, sources)
-            batch.refreshed.update(targets)
+        self._store.refresh(captured.tokens, captured)
 
     def _advance(self) -> None:
         self._micro_steps += 1
-        while self._pending and self._micro_steps - self._pending[0].start >= self._generate_every:
-            self._update(self._pending.pop(0))
+        for rollout in self._store.release(self._micro_steps):
+            self._update(rollout)
 
-    def _update(self, batch: _Batch) -> None:
-        hidden, cu_seqlens = _packed(batch.states)
-        stats = self.r2m.update(batch.rte, hidden, None, batch.rewards, self._group_size, batch.step,
-                                cu_seqlens=cu_seqlens, base_rewards=batch.base_rewards)
-        stats["refreshed"] = len(batch.refreshed) / len(batch.rewards)
+    def _update(self, rollout: Rollout) -> None:
+        scored: _Scored = rollout.payload
+        hidden, cu_seqlens = _packed(rollout.states if self.config.uses_fusion else None)
+        stats = self.r2m.update(scored.rte, hidden, None, scored.rewards, self._group_size, scored.step,
+                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards)
+        stats["refreshed"] = rollout.refreshed_share
         self.update_stats.append(stats)
-        self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed")})
+        self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats})
 
     def _emit(self, metrics: dict[str, float]) -> None:
         """Update metrics go into the metrics of the trainer that handed us ``log_metric``, for its coming log; a
@@ -405,6 +420,8 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
 
 def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
                       model: nn.Module) -> PreTrainedTokenizerBase:
+    """The reward model's tokenizer, able to pad: a copy with the EOS token as padding when it has no pad token (the
+    user's tokenizer is not changed)."""
     if tokenizer is None:
         path = source if isinstance(source, (str, os.PathLike)) else getattr(model, "name_or_path", "")
         if not path or not os.path.isdir(path):
@@ -413,10 +430,26 @@ def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"reward_tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("reward_tokenizer has neither a pad token nor an EOS token to pad batches with")
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token
-    if model.config.get_text_config().pad_token_id is None:
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return tokenizer
+
+
+@contextlib.contextmanager
+def _pad_token_id(model: nn.Module, pad_token_id: int) -> Iterator[None]:
+    """The reward model's config carries ``pad_token_id`` (which transformers pools by) while inside, when it has
+    none of its own; restored after."""
+    config = model.config.get_text_config()
+    if config.pad_token_id is not None:
+        yield
+        return
+    config.pad_token_id = pad_token_id
+    try:
+        yield
+    finally:
+        config.pad_token_id = None
 
 
 def _checkpoint_dir(args: TrainingArguments, step: int) -> Path:

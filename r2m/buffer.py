@@ -1,0 +1,126 @@
+"""RolloutStore: the policy states R2M holds between scoring a batch and updating on it, for any trainer.
+
+A batch of rollouts is added when it is scored, with the policy states taken then (annotation time). Samples are
+keyed by the token ids the trainer runs for them (prompt ids + completion ids), never by masks, so every later
+pass over the same tokens names them the same way: `refresh` replaces a sample's states by those of the policy's
+latest pass over it (paper Section 2.4), and `release` hands a batch to the update once the trainer's progress
+counter says the policy's last pass over it has run. `agree` makes a per-process decision collective, so a
+fallback policy forward (a collective under FSDP / ZeRO-3) runs on every rank or on none.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from r2m.capture import CapturedStates
+
+
+@dataclass
+class Rollout:
+    """One added batch: its packed states, which row holds which key, and what the integration keeps with it."""
+
+    states: CapturedStates
+    keys: dict[Hashable, list[int]]
+    release_at: int
+    payload: Any = None
+    refreshed: set[int] = field(default_factory=set)
+
+    @property
+    def refreshed_share(self) -> float:
+        """Share of the batch's samples whose states came from a later pass than annotation."""
+        return len(self.refreshed) / max(len(self.states), 1)
+
+
+class RolloutStore:
+    """Pending batches of policy states, keyed by token ids, refreshed by later passes, released in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[Rollout] = []
+
+    def add(self, states: CapturedStates, keys: Sequence[Hashable | None], release_at: int,
+            payload: Any = None) -> Rollout:
+        """Keep a scored batch: ``keys[i]`` names sample i (None: it is never refreshed). Released once the
+        progress passed to `release` reaches ``release_at``."""
+        if len(keys) != len(states):
+            raise ValueError(f"add got {len(keys)} keys for a batch of {len(states)} samples")
+        rows: dict[Hashable, list[int]] = defaultdict(list)
+        for row, key in enumerate(keys):
+            if key is not None:
+                rows[key].append(row)
+        rollout = Rollout(states, dict(rows), release_at, payload)
+        self.pending.append(rollout)
+        return rollout
+
+    def refresh(self, keys: Sequence[Hashable | None], states: CapturedStates) -> int:
+        """Replace, in the newest pending batch holding each key, that sample's states by ``states``'s row of the
+        same key (every row holding it when a batch has the key twice). Unknown keys are ignored; returns how many
+        rows were replaced."""
+        if len(keys) != len(states):
+            raise ValueError(f"refresh got {len(keys)} keys for {len(states)} captured samples")
+        copies: dict[int, tuple[list[int], list[int]]] = {}
+        for source, key in enumerate(keys):
+            if key is None:
+                continue
+            for index in range(len(self.pending) - 1, -1, -1):
+                rows = self.pending[index].keys.get(key)
+                if rows:
+                    targets, sources = copies.setdefault(index, ([], []))
+                    targets += rows
+                    sources += [source] * len(rows)
+                    break
+        for index, (targets, sources) in copies.items():
+            rollout = self.pending[index]
+            rollout.states.copy_samples_(targets, states, sources)
+            rollout.refreshed.update(targets)
+        return sum(len(targets) for targets, _ in copies.values())
+
+    def lookup(self, keys: Sequence[Hashable]) -> CapturedStates:
+        """The states of ``keys`` (newest batch first, repeats allowed), packed in that order; KeyError names the
+        first key no pending batch holds."""
+        found: list[Tensor] = []
+        for key in keys:
+            rollout = next((r for r in reversed(self.pending) if key in r.keys), None)
+            if rollout is None:
+                raise KeyError(key)
+            found.append(rollout.states.sample(rollout.keys[key][0]))
+        return CapturedStates.from_samples(found, [None] * len(found)) if found else CapturedStates.none_found(0)
+
+    def is_refreshed(self, key: Hashable) -> bool:
+        """Whether the newest batch holding ``key`` has its states from a later pass than annotation."""
+        rollout = next((r for r in reversed(self.pending) if key in r.keys), None)
+        return rollout is not None and rollout.keys[key][0] in rollout.refreshed
+
+    def release(self, progress: int) -> list[Rollout]:
+        """Remove and return, oldest first, the batches whose ``release_at`` <= ``progress``."""
+        released = []
+        while self.pending and self.pending[0].release_at <= progress:
+            released.append(self.pending.pop(0))
+        return released
+
+    def clear(self) -> None:
+        self.pending = []
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of policy states held now."""
+        return sum(r.states.hidden.nbytes for r in self.pending if r.states.hidden is not None)
+
+
+def agree(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` over all processes of the default process group (``value`` itself on one process).
+
+    Every rank must call it at the same point: a decision made from it (how many fallback forwards to run) is then
+    the same everywhere, as a sharded model's collective forward needs.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
