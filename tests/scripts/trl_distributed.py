@@ -1,5 +1,8 @@
 """GRPO + R2M on real processes (run under torchrun): checks after every optimizer step that the fusion and head
-are bit-identical on all ranks, and writes each rank's final R2M weights and a summary to argv[1]."""
+are bit-identical on all ranks, and writes each rank's final R2M weights and a summary to argv[1].
+
+With a second argument ``miss-on-rank0``, rank 0 loses the captured states of its first batch, so only it needs a
+fallback forward: every rank must still run the same number of policy forwards (a collective under FSDP/ZeRO-3)."""
 
 import json
 import sys
@@ -13,6 +16,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import r2m
+from r2m.capture import CapturedStates
 from r2m.integrations.trl import R2MReward
 
 PER_DEVICE, GROUP = 6, 4  # rank 0 holds samples 0-5 of each 12-sample batch: group 1 straddles the ranks
@@ -33,14 +37,32 @@ class CheckIdentical(TrainerCallback):
         self.checks += 1
 
 
-def main(out: Path) -> None:
+def lose_first_capture_on_rank0(reward: R2MReward) -> None:
+    capture = reward._capture
+    pop = capture.pop_generation
+    lost = []
+
+    def pop_generation(completions):
+        states = pop(completions)
+        if dist.get_rank() == 0 and not lost:
+            lost.append(len(completions))
+            return CapturedStates.none_found(len(completions))
+        return states
+
+    capture.pop_generation = pop_generation
+
+
+def main(out: Path, mode: str) -> None:
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=r2m.R2MConfig(lr=1e-2, attn_dim=16))
     check = CheckIdentical(reward)
+    counter = trl_tiny.ForwardCounter(policy)
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward, check],
                           args=trl_tiny.args("grpo", str(out / "run"), per_device_train_batch_size=PER_DEVICE,
                                              num_generations=GROUP, max_steps=3),
                           train_dataset=trl_tiny.dataset(24), processing_class=policy_tokenizer)
+    if mode == "miss-on-rank0":
+        lose_first_capture_on_rank0(reward)
     trainer.train()
     rank, world = dist.get_rank(), dist.get_world_size()
     state = {f"fusion.{k}": v for k, v in reward.r2m.fusion.state_dict().items()}
@@ -48,9 +70,10 @@ def main(out: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
     summary = {"world_size": world, "checks": check.checks, "updates": len(reward.update_stats),
                "groups_used": [s["groups_used"] for s in reward.update_stats], "capture": reward.capture_counts,
-               "extra_forwards": reward.extra_forwards, "per_device": PER_DEVICE, "group": GROUP}
+               "extra_forwards": reward.extra_forwards, "per_device": PER_DEVICE, "group": GROUP,
+               "policy_forwards": counter.count, "refreshed": [s["refreshed"] for s in reward.update_stats]}
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
