@@ -13,8 +13,8 @@ scores, which are also exactly the positions ``generate`` runs (the final sample
 A sample's tokens are the ids the trainer runs for it, from its first attended token to its last token that is
 attended or not padding: a trainer that masks a completion out of attention (TRL's
 ``mask_truncated_completions``) still runs its tokens, so the sample keeps its identity (its key is its token
-ids, never its mask). Padding before the prompt and after the completion is excluded. A PEFT policy's reference pass (adapters disabled
-or another adapter active) runs through the same modules and is ignored.
+ids, never its mask). Padding before the prompt and after the completion is excluded. A PEFT policy's reference
+pass (adapters disabled or another adapter active) runs through the same modules and is ignored.
 
 What is handed out is packed (`CapturedStates`): one gather of the valid positions per captured pass, with the
 positions chosen on the host from the masks, so no per-sample tensor work and no device sync beyond reading

@@ -52,11 +52,9 @@ def test_combined_options_need_no_extra_forward_and_refresh_every_sample(kind, t
         else:
             reward = R2MReward(reward_model, reward_tokenizer,
                                config=r2m.R2MConfig(lr=1e-2, attn_dim=16, seed=0))
-            call = reward.__call__
-
             class Recording(R2MReward):
                 def __call__(self, *args, **kwargs):
-                    out = call(*args, **kwargs)
+                    out = R2MReward.__call__(self, *args, **kwargs)
                     calls.append((kwargs["completion_ids"], out))
                     return out
 

@@ -11,6 +11,7 @@ from trl import GRPOTrainer, RLOOTrainer
 
 import r2m
 from r2m.integrations.trl import R2MReward
+from r2m.integrations.trl.policy_states import PolicyStateSource
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trl_tiny
@@ -169,12 +170,12 @@ def test_lora_policy_reference_pass_is_not_captured(tmp_path):
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=config())
     used = []
-    policy_states = reward._policy_states
-    reward._policy_states = lambda *a: used.append(policy_states(*a)) or used[-1]
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     trainer = RLOOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward],
                           args=trl_tiny.args("rloo", str(tmp_path), max_steps=1, beta=0.1, learning_rate=0.0),
                           train_dataset=trl_tiny.dataset(), processing_class=policy_tokenizer, peft_config=lora)
+    take = reward._source.take
+    reward._source.take = lambda *a: used.append(take(*a)) or used[-1]
     trainer.train()
     model = trainer.model
     body = model.get_base_model().model
@@ -257,14 +258,15 @@ def test_conversational_prompts(overrides, tmp_path):
 
 
 @pytest.mark.slow
-def test_states_stitched_during_generate_equal_a_full_forward(tmp_path):
+def test_states_stitched_during_generate_equal_a_full_forward(tmp_path, monkeypatch):
     """GRPO default: h taken from generate's prefill + decode steps equals a full fp32 forward of each sample."""
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=config())
     used = []
-    policy_states = reward._policy_states
+    take = PolicyStateSource.take
     # a copy of what annotation saw: the refresh later overwrites the batch's states in place
-    reward._policy_states = lambda *a: used.append(copy.deepcopy(policy_states(*a))) or copy.deepcopy(used[-1])
+    monkeypatch.setattr(PolicyStateSource, "take",
+                        lambda *a: used.append(copy.deepcopy(take(*a))) or copy.deepcopy(used[-1]))
     train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=1, learning_rate=0.0,
           per_device_train_batch_size=12)
     (states, extra), = used

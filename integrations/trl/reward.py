@@ -25,23 +25,22 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
 from r2m.adapters import GenerativeJudge
 from r2m.base import R2MModule
-from r2m.buffer import Rollout, RolloutStore, agree
-from r2m.capture import CapturedStates, HiddenStateCapture
+from r2m.buffer import Rollout, RolloutStore
+from r2m.capture import CapturedStates
 from r2m.config import R2MConfig
+from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
+from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
 from r2m.judge_model import R2MJudgeModel
 from r2m.reward_model import R2MRewardModel, find_body, find_score_head
 from r2m.wrap import wrap
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "r2m"
-CAPTURE_SOURCES = ("forward", "generation", "extra")
 UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "update_ms")
 
 
@@ -77,8 +76,8 @@ class R2MReward(TrainerCallback):
 
     Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's
     own score), ``r2m/omega`` (w(t)), ``r2m/extra_forward_share`` (share of samples whose hidden states needed an
-    extra policy forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation batch:
-    hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
+    extra policy forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation
+    batch: hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
     ``r2m/hidden_nonfinite`` (samples scored with the vanilla reward because their hidden states were not finite)
     and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/groups_degenerate``,
     ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the training pass).
@@ -122,17 +121,12 @@ class R2MReward(TrainerCallback):
         self.reward_model = model
         self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
-        self.capture_plan: str | None = None  # set by the trainer: see `capture_plan`; None when no states needed
-        self.capture_counts: dict[str, int] = dict.fromkeys(CAPTURE_SOURCES, 0)
-        self.extra_forwards = 0
         self.update_stats: list[dict[str, float]] = []
-        self._capture: HiddenStateCapture | None = None
+        self._source: PolicyStateSource | None = None  # set by the trainer, when the mode uses policy states
         self._ready = False
         self._policy: nn.Module | None = None
-        self._policy_tokenizer: PreTrainedTokenizerBase | None = None
         self._chat_template_kwargs: dict[str, Any] = {}
-        self._device = torch.device("cpu")
-        self._group_size = self._generate_every = self._forward_batch_size = 0
+        self._group_size = self._generate_every = 0
         self._store = RolloutStore()
         self._micro_steps = 0
         self._calls = 0
@@ -155,11 +149,9 @@ class R2MReward(TrainerCallback):
             self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
         trainer = getattr(log_metric, "__self__", None)  # TRL passes its own bound method
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
-        states, extra = (self._policy_states(prompts, completion_ids, trainer) if self.config.uses_fusion
+        states, extra = (self._source.take(prompts, completion_ids, trainer) if self._source is not None
                          else (None, 0))
-        capture_ms = 0.0
-        if self._capture is not None:  # its time since the previous generation batch
-            capture_ms, self._capture.seconds = 1000 * self._capture.seconds, 0.0
+        capture_ms = 1000 * self._source.take_seconds() if self._source is not None else 0.0
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
         hidden, cu_seqlens = _packed(states)
         rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
@@ -187,6 +179,22 @@ class R2MReward(TrainerCallback):
         return [float(r) if ok else None for r, ok in zip(rewards.tolist(), finite.tolist(), strict=True)]
 
     @property
+    def capture_plan(self) -> str | None:
+        """Where the policy states come from (see `capture_plan`); None before a trainer set it up or when the mode
+        uses none."""
+        return None if self._source is None else self._source.plan
+
+    @property
+    def capture_counts(self) -> dict[str, int]:
+        """Samples whose states came from each source (``forward``, ``generation``, ``extra``)."""
+        return dict.fromkeys(CAPTURE_SOURCES, 0) if self._source is None else dict(self._source.counts)
+
+    @property
+    def extra_forwards(self) -> int:
+        """Policy forwards R2M ran itself (0 unless the trainer's own passes lacked some samples)."""
+        return 0 if self._source is None else self._source.extra_forwards
+
+    @property
     def stored_hidden_bytes(self) -> int:
         """Bytes of policy hidden states held now for the coming updates."""
         return self._store.stored_bytes
@@ -195,7 +203,8 @@ class R2MReward(TrainerCallback):
     def r2m_model(self) -> R2MModule:
         """The R2M reward being trained (fusion, head and the frozen reward model or judge)."""
         if self.r2m is None:
-            raise RuntimeError("R2MReward has no R2M model yet: a trainer builds it (pass the object in callbacks=[...])")
+            raise RuntimeError("R2MReward has no R2M model yet: a trainer builds it (pass the object in "
+                               "callbacks=[...])")
         return self.r2m
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -205,8 +214,7 @@ class R2MReward(TrainerCallback):
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the R2M state from a trainer checkpoint directory (or its ``r2m`` subdirectory) when training
         starts; only needed when resuming from a checkpoint outside the trainer's ``output_dir``."""
-        path = Path(checkpoint_dir)
-        self._resume_dir = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+        self._resume_dir = given_checkpoint(checkpoint_dir)
 
     # ---- the callback ----------------------------------------------------------------------------------------
 
@@ -228,23 +236,15 @@ class R2MReward(TrainerCallback):
         elif self.r2m.policy_dim != policy_dim:
             raise ValueError(f"the R2MRewardModel was built for policy_hidden_size={self.r2m.policy_dim} but the "
                              f"policy's hidden size is {policy_dim}")
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        if self._source is not None:
+            self._source.remove()
+            self._source = None
         if self.config.uses_fusion:
-            self.capture_plan = capture_plan(args)
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            self._capture = HiddenStateCapture(model, offload=self.config.hidden_offload,
-                                               keep_generation=self.capture_plan == "generation",
-                                               keep_forwards=self.capture_plan == "forward",
-                                               on_train_forward=self._refresh,
-                                               pad_token_id=getattr(tokenizer, "pad_token_id", None)).attach()
-        self._policy, self._policy_tokenizer = model, processing_class
+            self._source = PolicyStateSource(model, args, processing_class, self.config.hidden_offload, self._refresh)
+        self._policy = model
         self._chat_template_kwargs = dict(args.chat_template_kwargs or {})
-        self._device = args.device
         self._group_size = args.num_generations
         self._generate_every = args.steps_per_generation * args.num_iterations
-        self._forward_batch_size = args.per_device_train_batch_size
         self._ready = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -253,7 +253,7 @@ class R2MReward(TrainerCallback):
         self._store.clear()
         self._micro_steps, self._calls = 0, 0
         if self._resume_dir is None and state.global_step > 0:
-            self._resume_dir = _find_checkpoint(args, state)
+            self._resume_dir = find_checkpoint(args, state)
         if self._resume_dir is not None:
             self.r2m.load_state(self._resume_dir)
             self.r2m.total_steps = self.config.total_steps or state.max_steps
@@ -277,7 +277,7 @@ class R2MReward(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         if args.should_save:
-            self.r2m.save_pretrained(_checkpoint_dir(args, state.global_step) / CHECKPOINT_SUBDIR)
+            self.r2m.save_pretrained(r2m_checkpoint_dir(args, state.global_step))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -318,47 +318,6 @@ class R2MReward(TrainerCallback):
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
 
-    def _policy_states(self, prompts: list, completion_ids: list[list[int]], trainer: object
-                       ) -> tuple[CapturedStates, int]:
-        """The batch's policy states taken from the planned source, the rest from extra no-grad forwards; and how
-        many samples needed them. Whether (and how many) extra forwards run is agreed by all processes, since a
-        sharded policy's forward is a collective; they run through the trainer's current (prepared) model."""
-        completions = [list(c) for c in completion_ids]
-        if self.capture_plan == "forward":
-            states = self._capture.pop_forwards(completions)
-        elif self.capture_plan == "generation":
-            states = self._capture.pop_generation(completions)
-        else:
-            states = CapturedStates.none_found(len(completions))
-        self._capture.clear()
-        missing = states.missing
-        self.capture_counts[self.capture_plan] += len(completions) - len(missing)
-        calls = agree(math.ceil(len(missing) / self._forward_batch_size), self._device)
-        if calls:
-            if missing and self.capture_plan != "extra":
-                logger.warning("R2M: %d of %d samples were not in the trainer's own %s pass; running one extra "
-                               "policy forward for them", len(missing), len(completions), self.capture_plan)
-            prompt_ids = self._prompt_ids([prompts[i] for i in missing], trainer) if missing else []
-            sequences = [list(p) + completions[i] for p, i in zip(prompt_ids, missing, strict=True)]
-            extra = self._capture.forward(sequences, batch_size=self._forward_batch_size, calls=calls,
-                                          model=getattr(trainer, "model", None))
-            if missing:
-                states = extra if len(missing) == len(completions) else states.replace(missing, extra)
-            self.capture_counts["extra"] += len(missing)
-            self.extra_forwards += calls
-        return states, len(missing)
-
-    def _prompt_ids(self, prompts: list, trainer: object) -> list[list[int]]:
-        """The prompt token ids exactly as TRL's trainers build them for text-only policies (with the trainer's
-        tools and chat template)."""
-        tokenizer = self._policy_tokenizer
-        if is_conversational({"prompt": prompts[0]}):
-            return tokenizer.apply_chat_template(conversation=prompts, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True, tools=getattr(trainer, "tools", None) or None,
-                                                 chat_template=getattr(trainer, "chat_template", None),
-                                                 **self._chat_template_kwargs)["input_ids"]
-        return tokenizer(text=prompts)["input_ids"]
-
     def _refresh(self, captured: CapturedStates) -> None:
         """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
         self._store.refresh(captured.tokens, captured)
@@ -386,20 +345,6 @@ class R2MReward(TrainerCallback):
                 store["train"][key].append(value)
             elif self._log_metric is not None:
                 self._queued_metrics[key].append(value)
-
-
-def capture_plan(args: TrainingArguments) -> str:
-    """Which pass gives the policy's hidden states before rewards: ``forward`` (the trainer's own no-grad log-prob
-    forward: RLOO always, GRPO with vLLM importance sampling or misaligned generation/optimisation steps),
-    ``generation`` (stitched from ``transformers.generate``) or ``extra`` (one no-grad forward of our own)."""
-    if isinstance(args, RLOOConfig):
-        return "forward"
-    misaligned = args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
-    if misaligned or (args.use_vllm and args.vllm_importance_sampling_correction):
-        return "forward"
-    if args.use_vllm or getattr(args, "use_transformers_continuous_batching", False):
-        return "extra"
-    return "generation"
 
 
 def _judge_model(judge: GenerativeJudge) -> nn.Module:
@@ -450,24 +395,6 @@ def _pad_token_id(model: nn.Module, pad_token_id: int) -> Iterator[None]:
         yield
     finally:
         config.pad_token_id = None
-
-
-def _checkpoint_dir(args: TrainingArguments, step: int) -> Path:
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-
-
-def _find_checkpoint(args: TrainingArguments, state: TrainerState) -> Path:
-    """The R2M state saved with the checkpoint the trainer resumed from (its step must match)."""
-    candidates = [Path(p) for p in (args.resume_from_checkpoint,) if isinstance(p, (str, os.PathLike))]
-    candidates.append(_checkpoint_dir(args, state.global_step))
-    for candidate in candidates:
-        trainer_state = candidate / "trainer_state.json"
-        if (candidate / CHECKPOINT_SUBDIR).is_dir() and trainer_state.is_file() and \
-                TrainerState.load_from_json(str(trainer_state)).global_step == state.global_step:
-            return candidate / CHECKPOINT_SUBDIR
-    raise FileNotFoundError(f"training resumes at step {state.global_step} but no R2M state for that step was found "
-                            f"in {[str(c) for c in candidates]}; call r2m_reward.load_checkpoint(<checkpoint dir>) "
-                            f"before trainer.train(resume_from_checkpoint=...)")
 
 
 def _packed(states: CapturedStates | None) -> tuple[Tensor | None, Tensor | None]:

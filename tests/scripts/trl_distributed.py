@@ -38,7 +38,7 @@ class CheckIdentical(TrainerCallback):
 
 
 def lose_first_capture_on_rank0(reward: R2MReward) -> None:
-    capture = reward._capture
+    capture = reward._source.capture
     pop = capture.pop_generation
     lost = []
 
