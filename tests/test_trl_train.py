@@ -18,7 +18,8 @@ import trl_tiny
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 R2M_METRICS = ("r2m/loss", "r2m/bt", "r2m/gre", "r2m/omega", "r2m/reward_mean", "r2m/vanilla_reward_mean",
-               "r2m/groups_skipped", "r2m/update_ms", "r2m/extra_forward_share", "r2m/capture_ms")
+               "r2m/groups_skipped", "r2m/update_ms", "r2m/extra_forward_share",
+               "r2m/capture_ms", "r2m/state_similarity")
 
 
 def config(**overrides):
@@ -77,6 +78,7 @@ def test_training_run(kind, tmp_path):
     assert any(not torch.equal(v, head_before[k]) for k, v in reward.r2m.head.state_dict().items())
     for key in R2M_METRICS:
         assert len(logged(trainer, key)) == 4, key
+    assert all(-1.0 <= value <= 1.0 for _, value in logged(trainer, "r2m/state_similarity"))
     for step, value in logged(trainer, "r2m/omega"):  # rewards of log step s were computed at global_step s - 1
         assert value == pytest.approx(r2m.omega(step - 1, 4, 0.6))
     assert [v for _, v in logged(trainer, "r2m/extra_forward_share")] == [0.0] * 4

@@ -36,6 +36,7 @@ from r2m.config import R2MConfig
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
 from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
 from r2m.judge_model import R2MJudgeModel
+from r2m.monitor import group_state_similarity, pooled_response_states
 from r2m.reward_model import R2MRewardModel, find_body, find_score_head
 from r2m.wrap import wrap
 
@@ -80,7 +81,9 @@ class R2MReward(TrainerCallback):
     batch: hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
     ``r2m/hidden_nonfinite`` (samples scored with the vanilla reward because their hidden states were not finite)
     and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/groups_degenerate``,
-    ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the training pass).
+    ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the training pass); and
+    ``r2m/state_similarity``, an over-optimisation monitor: the mean cosine similarity of the policy's (mean-pooled)
+    states of the responses within a group, averaged over groups (`r2m.monitor`).
 
     After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
     ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
@@ -171,6 +174,9 @@ class R2MReward(TrainerCallback):
                        "r2m/capture_ms": capture_ms,
                        "r2m/reward_nonfinite": float((~finite).sum()),
                        "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
+            similarity = self._state_similarity(states, completion_ids, trainer)
+            if similarity is not None:
+                metrics["r2m/state_similarity"] = similarity
             if training:
                 metrics.update({k: sum(v) / len(v) for k, v in self._queued_metrics.items()})
                 self._queued_metrics.clear()
@@ -317,6 +323,20 @@ class R2MReward(TrainerCallback):
             return [apply_chat_template({"messages": p + c}, self.tokenizer, **self._chat_template_kwargs)["text"]
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+    def _state_similarity(self, states: CapturedStates | None, completion_ids: list[list[int]],
+                          trainer: object) -> float | None:
+        """Mean over the batch's groups of how alike the policy's states of a group's responses are (`r2m.monitor`);
+        None without states or when the gathered batch is not whole groups."""
+        if states is None or states.hidden is None:
+            return None
+        pooled = pooled_response_states(states.hidden, states.cu_seqlens, [len(c) for c in completion_ids])
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None:
+            pooled = accelerator.gather(pooled.to(accelerator.device))
+        if pooled.shape[0] % self._group_size:
+            return None
+        return float(group_state_similarity(pooled, self._group_size).mean())
 
     def _refresh(self, captured: CapturedStates) -> None:
         """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
