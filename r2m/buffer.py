@@ -45,9 +45,10 @@ class RolloutStore:
         self.pending: list[Rollout] = []
 
     def add(self, states: CapturedStates, keys: Sequence[Hashable | None], release_at: int,
-            payload: Any = None) -> Rollout:
+            payload: Any = None, refreshed: bool = False) -> Rollout:
         """Keep a scored batch: ``keys[i]`` names sample i (None: it is never refreshed). Released once the
-        progress passed to `release` reaches ``release_at``."""
+        progress passed to `release` reaches ``release_at``; ``refreshed``: its states already come from a later
+        pass than annotation."""
         if len(keys) != len(states):
             raise ValueError(f"add got {len(keys)} keys for a batch of {len(states)} samples")
         rows: dict[Hashable, list[int]] = defaultdict(list)
@@ -55,6 +56,8 @@ class RolloutStore:
             if key is not None:
                 rows[key].append(row)
         rollout = Rollout(states, dict(rows), release_at, payload)
+        if refreshed:
+            rollout.refreshed.update(row for indices in rows.values() for row in indices)
         self.pending.append(rollout)
         return rollout
 
@@ -85,17 +88,30 @@ class RolloutStore:
         """The states of ``keys`` (newest batch first, repeats allowed), packed in that order; KeyError names the
         first key no pending batch holds."""
         found: list[Tensor] = []
+        tokens: list[tuple] = []
         for key in keys:
-            rollout = next((r for r in reversed(self.pending) if key in r.keys), None)
+            rollout = self._newest(key)
             if rollout is None:
                 raise KeyError(key)
-            found.append(rollout.states.sample(rollout.keys[key][0]))
-        return CapturedStates.from_samples(found, [None] * len(found)) if found else CapturedStates.none_found(0)
+            row = rollout.keys[key][0]
+            found.append(rollout.states.sample(row))
+            tokens.append(rollout.states.tokens[row] or ())
+        return CapturedStates.from_samples(found, tokens) if found else CapturedStates.none_found(0)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return self._newest(key) is not None
+
+    def keys(self) -> set[Hashable]:
+        """Every key a pending batch holds."""
+        return {key for rollout in self.pending for key in rollout.keys}
 
     def is_refreshed(self, key: Hashable) -> bool:
         """Whether the newest batch holding ``key`` has its states from a later pass than annotation."""
-        rollout = next((r for r in reversed(self.pending) if key in r.keys), None)
+        rollout = self._newest(key)
         return rollout is not None and rollout.keys[key][0] in rollout.refreshed
+
+    def _newest(self, key: Hashable) -> Rollout | None:
+        return next((r for r in reversed(self.pending) if key in r.keys), None)
 
     def release(self, progress: int) -> list[Rollout]:
         """Remove and return, oldest first, the batches whose ``release_at`` <= ``progress``."""

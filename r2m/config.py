@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre")
 IMPLS = ("auto", "naive", "torch", "triton")
@@ -20,18 +24,32 @@ class R2MConfig:
     ``no_gre`` alpha = 0.
     """
 
-    omega_min: float = 0.6
-    alpha: float = 0.3
-    lr: float = 1e-6
-    attn_dim: int = 2048
-    num_heads: int = 1
-    total_steps: int | None = None
-    mode: str = "r2m"
-    update_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    hidden_offload: bool = False
-    seed: int | None = None
-    impl: str = "auto"
+    omega_min: float = field(default=0.6, metadata={
+        "help": "Floor Omega of the weight w(t) = max(0.5 cos(pi t / T) + 0.5, Omega) of the reward model's own "
+                "embedding (paper: 0.6 for Llama3-8B, 0.7 for Qwen2.5-3B)."})
+    alpha: float = field(default=0.3, metadata={
+        "help": "Weight of the group reward entropy loss in GREBT = (1 - alpha) BT + alpha GRE (paper: 0.3)."})
+    lr: float = field(default=1e-6, metadata={
+        "help": "Adam learning rate of the R2M update of the cross-attention and scoring head (paper: 1e-6)."})
+    attn_dim: int = field(default=2048, metadata={
+        "help": "Width d of the sequence-to-token cross-attention (paper: 2048; capped at the larger model width)."})
+    num_heads: int = field(default=1, metadata={
+        "help": "Cross-attention heads (paper: 1); attn_dim must be divisible by it."})
+    total_steps: int | None = field(default=None, metadata={
+        "help": "T of the schedule w(t), in policy steps (None: taken from the trainer)."})
+    mode: str = field(default="r2m", metadata={
+        "help": "The full method (r2m) or one of the paper's baselines/ablations.", "choices": MODES})
+    update_steps: int = field(default=1, metadata={
+        "help": "Optimiser steps of the R2M update per batch of rollouts."})
+    max_grad_norm: float | None = field(default=1.0, metadata={
+        "help": "Gradient-norm clip of the R2M update (None: no clipping)."})
+    hidden_offload: bool = field(default=False, metadata={
+        "help": "Keep the captured policy hidden states in CPU memory until the update."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed of the noise mode's generator (None: drawn at random)."})
+    impl: str = field(default="auto", metadata={
+        "help": "Attention implementation: naive (projects keys and values), torch (absorbed, any device), "
+                "triton (fused kernel) or auto (triton on CUDA, torch otherwise).", "choices": IMPLS})
 
     def __post_init__(self) -> None:
         _check_unit_interval("omega_min", self.omega_min)
@@ -83,6 +101,47 @@ class R2MConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """One field of a config dataclass as a command-line flag: what every ``--r2m_<field>`` flag is built from."""
+
+    name: str
+    hint: Any
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    @property
+    def scalar_type(self) -> type:
+        """The value type, ``Optional`` stripped (``int | None`` -> ``int``)."""
+        if not (isinstance(self.hint, types.UnionType) or typing.get_origin(self.hint) is typing.Union):
+            return self.hint
+        inner = [arg for arg in typing.get_args(self.hint) if arg is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"config field {self.name}: a flag takes one type (or that type | None), got {self.hint}")
+        return inner[0]
+
+
+def config_flags(config_class: type = R2MConfig, notes: Mapping[str, str] | None = None) -> list[ConfigFlag]:
+    """The fields of ``config_class`` (a dataclass, `R2MConfig` or one extending it) in order, each with its
+    resolved type, default and help (field metadata ``help``, and ``choices`` where given). ``notes`` (sentences) add
+    an integration's remarks to a field's help."""
+    hints = typing.get_type_hints(config_class)
+    flags = []
+    for f in dataclasses.fields(config_class):
+        if "help" not in f.metadata:
+            raise TypeError(f"{config_class.__name__}.{f.name} has no help text: declare it with "
+                            f"field(..., metadata={{'help': ...}})")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"{config_class.__name__}.{f.name} has no default: every config field needs one")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        note = (notes or {}).get(f.name)
+        help_text = f.metadata["help"] if note is None else f"{f.metadata['help']} {note}"
+        choices = f.metadata.get("choices")
+        flags.append(ConfigFlag(f.name, hints[f.name], default, help_text, None if choices is None else tuple(choices)))
+    return flags
 
 
 def _check_unit_interval(name: str, value: float) -> None:

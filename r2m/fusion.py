@@ -39,21 +39,92 @@ def attend_naive(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tenso
     return torch.einsum("bhs,bshd->bhd", probs, values)
 
 
+def attend(hidden: Tensor, u: Tensor, *, cu_seqlens: Tensor | None = None, mask: Tensor | None = None,
+           impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """SPEC section 3's "attend(u) -> c", the one entry point of every absorbed attention (SequenceToTokenAttention
+    and OpenRLHF's policy side): c_e = sum_s softmax_s(h_s . u_e) h_s over each sequence, and lse_e, the
+    log-sum-exp of its scores.
+
+    hidden: packed [N, D_p] with ``cu_seqlens`` [B + 1], or padded [B, S, D_p] with ``mask`` [B, S] (bool; padding
+    may hold anything); u [B, H, D_p]. Returns c [B, H, D_p] and lse [B, H], float32 (float64 for a float64 u on
+    the ``torch`` path), differentiable in u (hidden gets no gradient). A zero-length sequence gives c = 0,
+    lse = -inf and zero gradient. impl: ``torch``, ``triton`` (`r2m.kernels.seq_to_token_attention`) or ``auto``.
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"attend: impl must be 'auto', 'torch' or 'triton', got {impl!r} (naive projects keys and "
+                         f"values: it is SequenceToTokenAttention's)")
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError("attend: pass exactly one of mask (with padded hidden [B, S, D_p]) or cu_seqlens (with "
+                         "packed hidden [N, D_p])")
+    batch = hidden.shape[0] if mask is not None else cu_seqlens.numel() - 1
+    if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[0] != batch or u.shape[2] != hidden.shape[-1]:
+        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"u must have shape [batch={batch}, heads, D_p={hidden.shape[-1]}], got {got}")
+    if _resolve_impl(impl, hidden) == "triton":
+        from r2m.kernels import seq_to_token_attention
+
+        if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"impl='triton' takes bfloat16, float16 or float32 hidden states, got {hidden.dtype}; "
+                            f"use impl='torch' for other dtypes")
+        if cu_seqlens is None:
+            hidden, cu_seqlens = pack(hidden, mask)
+        return seq_to_token_attention(hidden, cu_seqlens.to(device=hidden.device, dtype=torch.int32),
+                                      u.to(device=hidden.device, dtype=torch.float32).contiguous())
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    padded, mask = _zero_padded(hidden, mask, cu_seqlens, dtype)
+    return _attend_torch(padded, mask, u.to(device=hidden.device, dtype=dtype))
+
+
 def attend_torch(hidden: Tensor, mask: Tensor, u: Tensor) -> Tensor:
     """The absorbed attention c_e = sum_s softmax_s(h_s . u_e) h_s: hidden [B, S, D_p], u [B, H, D_p] -> [B, H, D_p].
 
     ``hidden`` must be zero at masked positions (so padding garbage cannot leak into c).
     """
-    probs = _masked_softmax(torch.einsum("bsd,bhd->bhs", hidden, u), mask)
-    return torch.einsum("bhs,bsd->bhd", probs, hidden)
+    return _attend_torch(hidden, mask, u)[0]
+
+
+def _attend_torch(hidden: Tensor, mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """`attend_torch`'s c and the log-sum-exp of the scores [B, H] (-inf for a sequence with no valid token)."""
+    scores = torch.einsum("bsd,bhd->bhs", hidden, u)
+    has_token, usable = _usable(mask)
+    lse = torch.logsumexp(scores.masked_fill(~usable, float("-inf")), dim=-1)
+    context = torch.einsum("bhs,bsd->bhd", _masked_softmax(scores, mask), hidden)
+    return context, lse.masked_fill(~has_token[:, None], float("-inf"))
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last axis restricted to ``mask`` [B, S]; all-masked rows give zeros with zero gradient."""
-    has_token = mask.any(dim=1)
-    usable = (mask | ~has_token[:, None])[:, None, :]
+    has_token, usable = _usable(mask)
     probs = torch.softmax(scores.masked_fill(~usable, float("-inf")), dim=-1)
     return probs * has_token[:, None, None]
+
+
+def _usable(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Which rows have a valid token [B], and the positions a softmax may use [B, 1, S]: the valid ones, or every
+    position of a row without any (so no -inf-only row makes a NaN gradient; its result is zeroed after)."""
+    has_token = mask.any(dim=1)
+    return has_token, (mask | ~has_token[:, None])[:, None, :]
+
+
+def _zero_padded(hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Padded states in ``dtype`` [B, S, D] with zeros wherever the mask is off, and the mask, from packed ``hidden``
+    + ``cu_seqlens`` or padded ``hidden`` + ``mask`` (copying only if needed)."""
+    if cu_seqlens is not None:
+        return unpack(hidden.to(dtype), cu_seqlens.to(hidden.device))
+    mask = mask.to(device=hidden.device, dtype=torch.bool)
+    if bool(mask.all()):
+        return hidden.to(dtype), mask
+    if hidden.dtype != dtype:
+        return hidden.to(dtype).masked_fill_(~mask[..., None], 0), mask
+    return hidden.masked_fill(~mask[..., None], 0), mask
+
+
+def _resolve_impl(impl: str, hidden: Tensor) -> str:
+    """``auto`` -> ``triton`` for CUDA states, ``torch`` otherwise; any other implementation as it is."""
+    if impl != "auto":
+        return impl
+    return "triton" if hidden.is_cuda else "torch"
 
 
 class SequenceToTokenAttention(nn.Module):
@@ -100,20 +171,8 @@ class SequenceToTokenAttention(nn.Module):
         hidden, mask, cu_seqlens = self.check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
         impl = self.resolve_impl(hidden)
         if impl == "naive":
-            return self._forward_naive(rte, *self._padded(hidden, mask, cu_seqlens))
-        u = self.query_vectors(rte)
-        if impl == "triton":
-            from r2m.kernels import seq_to_token_attention
-
-            if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-                raise TypeError(f"impl='triton' takes bfloat16, float16 or float32 hidden states, got {hidden.dtype}; "
-                                f"use impl='torch' for other dtypes")
-            if cu_seqlens is None:
-                hidden, cu_seqlens = pack(hidden, mask)
-            context = seq_to_token_attention(hidden, cu_seqlens, u.float())[0]
-        else:
-            padded, mask = self._padded(hidden, mask, cu_seqlens)
-            context = attend_torch(padded, mask, u)
+            return self._forward_naive(rte, *_zero_padded(hidden, mask, cu_seqlens, self.k_proj.weight.dtype))
+        context, _ = attend(hidden, self.query_vectors(rte), cu_seqlens=cu_seqlens, mask=mask, impl=impl)
         return self.project_context(context)
 
     def forward_packed(self, rte: Tensor, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -133,9 +192,7 @@ class SequenceToTokenAttention(nn.Module):
         return self.o_proj(rearrange(heads, "b h d -> b (h d)"))
 
     def resolve_impl(self, hidden: Tensor) -> str:
-        if self.impl != "auto":
-            return self.impl
-        return "triton" if hidden.is_cuda else "torch"
+        return _resolve_impl(self.impl, hidden)
 
     def _forward_naive(self, rte: Tensor, hidden: Tensor, mask: Tensor) -> Tensor:
         split = "b s (h d) -> b s h d"
@@ -144,17 +201,6 @@ class SequenceToTokenAttention(nn.Module):
         values = rearrange(self.v_proj(hidden), split, h=self.num_heads)
         heads = attend_naive(q, keys, values, mask)
         return self.o_proj(rearrange(heads, "b h d -> b (h d)"))
-
-    def _padded(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Padded hidden states in the weights' dtype with zeros wherever the mask is off (copying only if needed)."""
-        dtype = self.k_proj.weight.dtype
-        if cu_seqlens is not None:
-            return unpack(hidden.to(dtype), cu_seqlens)
-        if bool(mask.all()):
-            return hidden.to(dtype), mask
-        if hidden.dtype != dtype:
-            return hidden.to(dtype).masked_fill_(~mask[..., None], 0), mask
-        return hidden.masked_fill(~mask[..., None], 0), mask
 
     def _check_rte(self, rte: Tensor) -> Tensor:
         if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:

@@ -53,11 +53,18 @@ def test_lookup_release_and_bytes():
     looked = store.lookup([(1,), (0,), (1,)])
     assert looked.cu_seqlens.tolist() == [0, 1, 2, 3]
     assert looked.hidden[:, 0].tolist() == [1.0, 4.0, 1.0]  # key (0,) from the newest batch
+    assert looked.missing == [] and torch.equal(looked.sample(1), torch.full((1, DIM), 4.0))
+    assert (0,) in store and (7,) not in store and store.keys() == {(0,), (1,)}
     with pytest.raises(KeyError):
         store.lookup([(7,)])
     assert store.release(1) == []
     assert [r.payload for r in store.release(3)] == ["first", "second"]
     assert store.pending == [] and store.stored_bytes == 0
+
+
+def test_a_batch_added_as_refreshed_counts_every_keyed_row():
+    rollout = RolloutStore().add(states([1, 2, 1]), [(0,), None, (2,)], release_at=1, refreshed=True)
+    assert rollout.refreshed == {0, 2}
 
 
 def test_add_checks_the_keys_match_the_batch():

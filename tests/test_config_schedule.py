@@ -1,5 +1,6 @@
-"""R2MConfig validation and the w(t) schedule of paper Eq. 4."""
+"""R2MConfig validation, its fields as command-line flags, and the w(t) schedule of paper Eq. 4."""
 
+import dataclasses
 import itertools
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import r2m
-from r2m.config import MODES
+from r2m.config import IMPLS, MODES, config_flags
 
 
 def reference_omega(step, total, floor):
@@ -77,3 +78,36 @@ def test_omega_is_monotone_non_increasing():
 def test_omega_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         r2m.omega(*args)
+
+
+def test_fields_keep_their_order_and_positional_use():
+    names = [f.name for f in dataclasses.fields(r2m.R2MConfig)]
+    assert names == ["omega_min", "alpha", "lr", "attn_dim", "num_heads", "total_steps", "mode", "update_steps",
+                     "max_grad_norm", "hidden_offload", "seed", "impl"]
+    assert r2m.R2MConfig(0.7, 0.2, 1e-5, 64, 2, 10, "frozen") == r2m.R2MConfig(
+        omega_min=0.7, alpha=0.2, lr=1e-5, attn_dim=64, num_heads=2, total_steps=10, mode="frozen")
+
+
+def test_every_field_has_help_text_and_becomes_a_flag():
+    flags = config_flags(r2m.R2MConfig, {"seed": "Trainer note."})
+    assert [f.name for f in flags] == [f.name for f in dataclasses.fields(r2m.R2MConfig)]
+    assert all(f.help and f.help.endswith(".") for f in flags)
+    by_name = {f.name: f for f in flags}
+    assert by_name["seed"].help.endswith(". Trainer note.") and by_name["seed"].scalar_type is int
+    assert by_name["max_grad_norm"].scalar_type is float and by_name["max_grad_norm"].default == 1.0
+    assert by_name["mode"].choices == MODES and by_name["impl"].choices == IMPLS and by_name["lr"].choices is None
+
+
+def test_a_field_without_help_or_default_is_refused():
+    @dataclasses.dataclass
+    class NoHelp(r2m.R2MConfig):
+        extra: int = 1
+
+    @dataclasses.dataclass
+    class NoDefault:
+        extra: int = dataclasses.field(metadata={"help": "x"})
+
+    with pytest.raises(TypeError, match="NoHelp.extra has no help text"):
+        config_flags(NoHelp)
+    with pytest.raises(TypeError, match="NoDefault.extra has no default"):
+        config_flags(NoDefault)

@@ -1,11 +1,12 @@
-"""SequenceToTokenAttention: naive and absorbed implementations against an explicit float64 reference."""
+"""SequenceToTokenAttention and `attend`: naive and absorbed implementations against an explicit float64 reference."""
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
-from r2m.fusion import SequenceToTokenAttention, pack, unpack
+from r2m.fusion import SequenceToTokenAttention, attend, pack, unpack
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-4), torch.bfloat16: dict(atol=2e-5, rtol=2e-4)}
 
@@ -168,3 +169,72 @@ def test_constructor_validation(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         SequenceToTokenAttention(**args)
+
+
+def reference_attend(hidden, lengths, u):
+    """c and lse of SPEC section 3's attend(u) -> c per sample and head in float64 (zero-length: c = 0, lse = -inf)."""
+    c = torch.zeros(u.shape, dtype=torch.float64)
+    lse = torch.full(u.shape[:2], float("-inf"), dtype=torch.float64)
+    for b, length in enumerate(lengths):
+        if length:
+            h = hidden[b, :length].double()
+            scores = h @ u[b].double().T  # [S, H]
+            c[b] = torch.softmax(scores, dim=0).T @ h
+            lse[b] = torch.logsumexp(scores, dim=0)
+    return c, lse
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_attend_matches_float64_reference_with_its_gradient(layout):
+    lengths = [4, 0, 9, 1]
+    _, hidden, mask = random_batch(lengths, 6, 1, torch.float32)
+    u = (torch.randn(4, 3, 6) * 0.5).requires_grad_(True)
+    if layout == "packed":
+        packed, cu_seqlens = pack(hidden, mask)
+        c, lse = attend(packed, u, cu_seqlens=cu_seqlens, impl="torch")
+    else:
+        c, lse = attend(hidden, u, mask=mask, impl="torch")  # NaN padding must not leak
+    expected_c, expected_lse = reference_attend(hidden, lengths, u.detach())
+    assert c.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(c.double(), expected_c, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-6, rtol=1e-5)
+    assert torch.equal(c[1], torch.zeros_like(c[1])) and torch.isneginf(lse[1]).all()
+    dc = torch.randn_like(c)
+    (du,) = torch.autograd.grad(c, u, dc)
+    u64 = u.detach().double().requires_grad_(True)
+    (expected_du,) = torch.autograd.grad(reference_attend(hidden, lengths, u64)[0], u64, dc.double())
+    torch.testing.assert_close(du.double(), expected_du, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(du).all() and torch.equal(du[1], torch.zeros_like(du[1]))
+
+
+def test_attend_is_what_the_module_runs():
+    module = make_module(10, 6, 8, 2, "torch")
+    rte, hidden, mask = random_batch([3, 0, 5], 6, 10, torch.float32)
+    context, _ = attend(hidden, module.query_vectors(rte), mask=mask)
+    torch.testing.assert_close(module.project_context(context), module(rte, hidden, mask), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_attend_triton_matches_torch():
+    lengths = [5, 0, 8, 1]
+    _, hidden, mask = random_batch(lengths, 8, 1, torch.float32, pad_value=0.0)
+    packed, cu_seqlens = pack(hidden, mask)
+    u = torch.randn(4, 2, 8, requires_grad=True)
+    results = {}
+    for impl in ("torch", "triton"):
+        c, lse = attend(packed, u, cu_seqlens=cu_seqlens, impl=impl)
+        results[impl] = (c, lse, torch.autograd.grad(c, u, torch.ones_like(c))[0])
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(impl="naive"), "impl must be 'auto', 'torch' or 'triton'"),
+    (dict(mask=None), "exactly one of mask"),
+    (dict(u=torch.randn(2, 1, 4)), r"u must have shape \[batch=3, heads, D_p=5\]"),
+])
+def test_attend_bad_input(kwargs, message):
+    args = dict(hidden=torch.randn(3, 4, 5), u=torch.randn(3, 1, 5), mask=torch.ones(3, 4, dtype=torch.bool))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        attend(args.pop("hidden"), args.pop("u"), **args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from r2m.config import R2MConfig
 
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("openrlhf") is None:
     pytest.skip("OpenRLHF integration tests need `ray` and `openrlhf` (pip install --no-deps openrlhf==0.11.2, "
@@ -166,9 +169,13 @@ def test_entry_point_help_lists_openrlhf_and_r2m_flags():
     assert len(openrlhf) > 150
     for pattern in openrlhf:
         assert any(re.fullmatch(pattern, flag) for flag in shown), f"{pattern} missing from --help"
-    ours = {"--r2m_enable", "--r2m_mode", "--r2m_omega_min", "--r2m_alpha", "--r2m_lr", "--r2m_attn_dim",
-            "--r2m_num_heads", "--r2m_routing"}
+    from r2m.integrations.openrlhf.options import r2m_flags
+
+    ours = {f"--r2m_{flag.name}" for flag in r2m_flags()}
+    assert {f"--r2m_{f.name}" for f in dataclasses.fields(R2MConfig)} | {"--r2m_enable", "--r2m_routing"} <= ours
     assert ours <= shown
+    for flag in r2m_flags():  # each with its help text (argparse wraps it)
+        assert " ".join(flag.help.split()[:4]) in " ".join(result.stdout.split()), flag.name
 
 
 def test_entry_point_refuses_r2m_with_a_remote_reward(monkeypatch, capsys):

@@ -1,6 +1,6 @@
-"""The OpenRLHF integration's routing pieces in one process (no Ray, no OpenRLHF needed): the attention next to
-the policy states and its closed-form backward, both routings against the core in every mode, non-finite states,
-and the capture hooks."""
+"""The OpenRLHF integration's routing pieces in one process (no Ray, no OpenRLHF needed): the policy states on the
+core's RolloutStore, the attention next to them and its backward, both routings against the core in every mode,
+non-finite states, and the capture hooks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import r2m
+from r2m.buffer import RolloutStore
 from r2m.fusion import attend_torch, pack
 from r2m.integrations.openrlhf.policy_side import (
     PolicyFeedbackCapture,
@@ -41,7 +42,7 @@ def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden, mask
 
 
-def test_attend_and_closed_form_backward_match_autograd():
+def test_attend_and_its_backward_match_autograd():
     rows, u = _states([5, 1, 0, 7])
     keys = [f"k{i}" for i in range(len(rows))]
     store = PolicyStateStore(impl="torch")
@@ -84,6 +85,38 @@ def test_non_finite_states_are_zeroed_and_flagged():
     store.put(["a", "b"], rows)
     c, _, ok, _ = store.attend(["a", "b"], u)
     assert ok.tolist() == [True, False] and torch.isfinite(c).all()
+
+
+def test_store_sits_on_the_rollout_store_refreshing_in_place():
+    rows, u = _states([3, 5, 2])
+    store = PolicyStateStore()
+    store.put(["a", "b", "c"], rows)
+    assert isinstance(store.rollouts, RolloutStore) and len(store.rollouts.pending) == 1
+    before = store.rollouts.stored_bytes
+    trained = [row + 1 for row in rows]
+    store.put(["c", "a", "z"], [trained[2], trained[0], torch.ones(4, POLICY_DIM)], trained=True)
+    assert store.rollouts.stored_bytes == before + 4 * POLICY_DIM * 4, "known keys refreshed in place, z added"
+    assert store.held() == {"a": True, "b": False, "c": True, "z": True}
+    hidden, cu_seqlens = store.states(["c", "z", "b", "a"])
+    torch.testing.assert_close(hidden, torch.cat([trained[2], torch.ones(4, POLICY_DIM), rows[1], trained[0]]))
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 2, 6, 11, 14]
+    store.put(["a"], [rows[0]])  # a later experience forward on the same tokens: its states are the newest
+    assert store.held()["a"] is False and torch.equal(store.states(["a"])[0], rows[0])
+    with pytest.raises(KeyError, match="no policy states for 1 of 2 samples"):
+        store.states(["a", "nope"])
+    c, _, _, token = store.attend(["a", "b"], u[:2], keep_for_backward=True)
+    store.clear()
+    assert store.held() == {} and store.rollouts.stored_bytes == 0
+    with pytest.raises(KeyError, match="no pending attention"):
+        store.attend_backward(token, torch.ones_like(c))
+
+
+def test_offloaded_store_keeps_states_on_cpu_and_naive_means_torch():
+    rows, u = _states([3, 4])
+    store = PolicyStateStore(offload=True, impl="naive")
+    store.put(["a", "b"], rows)
+    assert store.impl == "torch" and store.states(["a", "b"])[0].device.type == "cpu"
+    torch.testing.assert_close(store.attend(["a", "b"], u)[0], attend_torch(*_padded(rows), u))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import r2m
 from r2m import cli as r2m_cli
 from r2m.config import R2MConfig
 from r2m.integrations.trl import cli
@@ -62,6 +63,46 @@ def test_help_documents_every_r2m_flag(capsys):
     assert "--reward_model_path" in text and "--num_generations" in text
     assert {f.name for f in dataclasses.fields(cli.R2MArguments)} == {
         f"r2m_{f.name}" for f in dataclasses.fields(R2MConfig)}
+
+
+@dataclasses.dataclass
+class ExtendedConfig(R2MConfig):
+    """R2MConfig with a field added later: it must reach the flags without editing the CLI."""
+
+    warmup_steps: int = dataclasses.field(default=3, metadata={"help": "Steps without an update."})
+
+
+def test_every_config_field_has_help_text_and_a_flag_with_it(capsys):
+    fields = {f.name: f for f in dataclasses.fields(cli.R2MArguments)}
+    for config_field in dataclasses.fields(R2MConfig):
+        help_text = config_field.metadata["help"]
+        assert help_text.strip(), config_field.name
+        flag = fields[f"r2m_{config_field.name}"]
+        assert flag.metadata["help"].startswith(help_text) and flag.default == config_field.default
+        assert flag.metadata.get("choices") == (list(config_field.metadata["choices"])
+                                                if "choices" in config_field.metadata else None)
+    assert fields["r2m_mode"].metadata["choices"] == list(r2m.MODES)
+
+
+def test_parsing_round_trips_to_an_equal_config(tmp_path):
+    expected = R2MConfig(omega_min=0.7, alpha=0.5, lr=2e-6, attn_dim=64, num_heads=4, total_steps=9, mode="no_gre",
+                         update_steps=2, max_grad_norm=0.5, hidden_offload=True, seed=11, impl="torch")
+    argv = ["--reward_model_path", "rm", "--dataset_path", "data", "--output_dir", str(tmp_path), "--use_cpu",
+            "--bf16", "False"]
+    for name, value in dataclasses.asdict(expected).items():
+        argv += [f"--r2m_{name}", str(value)]
+    _, r2m_args, _, _ = cli.make_parser("grpo").parse_args_and_config(argv)
+    assert r2m_args.to_config() == expected
+    assert cli.R2MArguments().to_config() == R2MConfig()
+
+
+def test_a_new_config_field_reaches_the_flags_without_edits():
+    from trl import TrlParser
+
+    arguments = cli.arguments_class(ExtendedConfig)
+    (parsed,) = TrlParser((arguments,)).parse_args_and_config(["--r2m_warmup_steps", "5", "--r2m_alpha", "0.1"])
+    assert parsed.to_config() == ExtendedConfig(warmup_steps=5, alpha=0.1)
+    assert "--r2m_warmup_steps" in TrlParser((arguments,)).format_help()
 
 
 def test_bad_command_and_missing_dataset(tmp_path, capsys):

@@ -3,89 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from r2m.config import IMPLS, MODES, R2MConfig
+from r2m.config import ConfigFlag, R2MConfig, config_flags
 from r2m.integrations.openrlhf.reward_side import ROUTINGS
 
-DEFAULTS = R2MConfig()
-
-
-def add_r2m_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``--r2m_*`` flags (an argument group) to ``parser``."""
-    group = parser.add_argument_group("R2M (real-time aligned reward model)")
-    group.add_argument("--r2m_enable", action="store_true", default=False,
-                       help="Score with R2M: the reward model fused with the policy's last-layer hidden states, "
-                            "updated with GREBT after every training round")
-    group.add_argument("--r2m_mode", type=str, default=DEFAULTS.mode, choices=MODES,
-                       help="r2m (the full method) or a baseline/ablation of the paper")
-    group.add_argument("--r2m_routing", type=str, default="compact", choices=ROUTINGS,
-                       help="full: policy hidden states travel to the reward actor (S*D_p numbers per sample); "
-                            "compact: the attention runs next to the policy, only u, c (and dc, du) travel "
-                            "(2*H*D_p per sample, independent of the sequence length)")
-    group.add_argument("--r2m_omega_min", type=float, default=DEFAULTS.omega_min,
-                       help="Floor of the weight w(t) of the reward model's own embedding (paper: 0.6 or 0.7)")
-    group.add_argument("--r2m_alpha", type=float, default=DEFAULTS.alpha, help="GRE weight of the GREBT loss")
-    group.add_argument("--r2m_lr", type=float, default=DEFAULTS.lr, help="Adam learning rate of fusion + head")
-    group.add_argument("--r2m_attn_dim", type=int, default=DEFAULTS.attn_dim, help="Cross-attention width d")
-    group.add_argument("--r2m_num_heads", type=int, default=DEFAULTS.num_heads, help="Cross-attention heads H")
-    group.add_argument("--r2m_total_steps", type=int, default=None,
-                       help="T of w(t) in training rounds (default: prompts / rollout batch size * episodes)")
-    group.add_argument("--r2m_update_steps", type=int, default=DEFAULTS.update_steps,
-                       help="Optimizer steps of the R2M update per training round")
-    group.add_argument("--r2m_max_grad_norm", type=float, default=DEFAULTS.max_grad_norm,
-                       help="Gradient clipping of the R2M update (<= 0: none)")
-    group.add_argument("--r2m_hidden_offload", action="store_true", default=False,
-                       help="Keep the captured policy hidden states in CPU memory")
-    group.add_argument("--r2m_seed", type=int, default=None, help="Seed of the noise mode's generator")
-    group.add_argument("--r2m_impl", type=str, default=DEFAULTS.impl, choices=IMPLS,
-                       help="Attention implementation (auto: Triton kernel on GPU, PyTorch on CPU)")
-    group.add_argument("--r2m_policy_hidden_size", type=int, default=None,
-                       help="The policy's hidden size (default: read from --actor.model_name_or_path's config)")
-    group.add_argument("--r2m_load_path", type=str, default=None,
-                       help="Resume fusion, head and optimizer state from an R2M checkpoint directory")
-    return parser
+GROUP = "R2M (real-time aligned reward model)"
 
 
 @dataclass
-class R2MOptions:
-    """The ``--r2m_*`` values, read from OpenRLHF's (hierarchized) args."""
+class OpenRLHFFlags:
+    """The ``--r2m_*`` flags only the OpenRLHF integration has (the others come from `R2MConfig`'s fields)."""
 
-    enable: bool = False
-    mode: str = DEFAULTS.mode
-    routing: str = "compact"
-    omega_min: float = DEFAULTS.omega_min
-    alpha: float = DEFAULTS.alpha
-    lr: float = DEFAULTS.lr
-    attn_dim: int = DEFAULTS.attn_dim
-    num_heads: int = DEFAULTS.num_heads
-    total_steps: int | None = None
-    update_steps: int = DEFAULTS.update_steps
-    max_grad_norm: float | None = DEFAULTS.max_grad_norm
-    hidden_offload: bool = False
-    seed: int | None = None
-    impl: str = DEFAULTS.impl
-    policy_hidden_size: int | None = None
-    load_path: str | None = None
+    enable: bool = field(default=False, metadata={
+        "help": "Score with R2M: the reward model fused with the policy's last-layer hidden states, updated with "
+                "GREBT after every training round."})
+    routing: str = field(default="compact", metadata={
+        "help": "full: policy hidden states travel to the reward actor (S*D_p numbers per sample); compact: the "
+                "attention runs next to the policy, only u, c (and dc, du) travel (2*H*D_p per sample, independent "
+                "of the sequence length).", "choices": ROUTINGS})
+    policy_hidden_size: int | None = field(default=None, metadata={
+        "help": "The policy's hidden size (default: read from --actor.model_name_or_path's config)."})
+    load_path: str | None = field(default=None, metadata={
+        "help": "Resume fusion, head and optimizer state from an R2M checkpoint directory."})
 
-    @classmethod
-    def from_args(cls, args: Any) -> R2MOptions:
+
+FLAG_NOTES = {"total_steps": "Here T counts training rounds; None: prompts / rollout batch size * episodes.",
+              "max_grad_norm": "On this command line a value <= 0 means no clipping."}
+
+
+def r2m_flags(config_class: type = R2MConfig) -> list[ConfigFlag]:
+    """Every ``--r2m_*`` flag of the OpenRLHF entry point: `OpenRLHFFlags`, then one per ``config_class`` field."""
+    return config_flags(OpenRLHFFlags) + config_flags(config_class, FLAG_NOTES)
+
+
+def add_r2m_arguments(parser: argparse.ArgumentParser, config_class: type = R2MConfig) -> argparse.ArgumentParser:
+    """Add the ``--r2m_*`` flags (an argument group) to ``parser``; a bool flag is a switch."""
+    group = parser.add_argument_group(GROUP)
+    for flag in r2m_flags(config_class):
+        option = f"--r2m_{flag.name}"
+        if flag.scalar_type is bool:
+            switch = argparse.BooleanOptionalAction if flag.default else "store_true"
+            group.add_argument(option, action=switch, default=flag.default, help=flag.help)
+        else:
+            group.add_argument(option, type=flag.scalar_type, default=flag.default, choices=flag.choices,
+                               help=flag.help)
+    return parser
+
+
+def options_class(config_class: type = R2MConfig) -> type:
+    """The dataclass of the ``--r2m_*`` values (`R2MOptions` for `R2MConfig`): `from_args` reads them from
+    OpenRLHF's args, `config()` builds the validated ``config_class``."""
+    config_names = [f.name for f in dataclasses.fields(config_class)]
+
+    def from_args(cls: type, args: Any) -> Any:
         """Read ``args.r2m_<field>`` for every field (defaults where absent)."""
-        values = {name: getattr(args, f"r2m_{name}") for name in cls.__dataclass_fields__
-                  if hasattr(args, f"r2m_{name}")}
-        return cls(**values)
+        return cls(**{f.name: getattr(args, f"r2m_{f.name}") for f in dataclasses.fields(cls)
+                      if hasattr(args, f"r2m_{f.name}")})
 
-    def config(self) -> R2MConfig:
-        """The `R2MConfig` these options describe (validated)."""
+    def config(self: Any) -> R2MConfig:
+        """The config these options describe (validated); ``max_grad_norm <= 0`` means no clipping."""
         if self.routing not in ROUTINGS:
             raise ValueError(f"--r2m_routing must be one of {ROUTINGS}, got {self.routing!r}")
-        max_norm = None if self.max_grad_norm is None or self.max_grad_norm <= 0 else self.max_grad_norm
-        return R2MConfig(omega_min=self.omega_min, alpha=self.alpha, lr=self.lr, attn_dim=self.attn_dim,
-                         num_heads=self.num_heads, total_steps=self.total_steps, mode=self.mode,
-                         update_steps=self.update_steps, max_grad_norm=max_norm, hidden_offload=self.hidden_offload,
-                         seed=self.seed, impl=self.impl)
+        values = {name: getattr(self, name) for name in config_names}
+        if values["max_grad_norm"] is not None and values["max_grad_norm"] <= 0:
+            values["max_grad_norm"] = None
+        return config_class(**values)
+
+    fields = [(flag.name, flag.hint, field(default=flag.default)) for flag in r2m_flags(config_class)]
+    return dataclasses.make_dataclass("R2MOptions", fields, namespace={
+        "__module__": __name__, "__doc__": "The ``--r2m_*`` values, read from OpenRLHF's (hierarchized) args.",
+        "from_args": classmethod(from_args), "config": config})
+
+
+R2MOptions = options_class()
 
 
 def check_openrlhf_args(args: Any) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from r2m.capture import find_backbone
-from r2m.fusion import unpack
+from r2m import fusion
+from r2m.buffer import RolloutStore
+from r2m.capture import CapturedStates, find_backbone
 
 
 def fingerprints(sequences: Tensor, attention_mask: Tensor) -> list[str]:
@@ -56,55 +56,66 @@ class _Saved:
 
     keys: list[str]
     u: Tensor
-    c: Tensor
-    lse: Tensor
 
 
 class PolicyStateStore:
     """Policy last-layer states per sample, and the sequence-to-token attention computed where they live.
 
-    ``attend(keys, u) -> (c, lse, ok)`` and ``attend_backward(token, dc) -> du`` are SPEC section 3's
-    "attend(u) -> c" and its backward w.r.t. u (the policy states get no gradient). ``offload`` keeps the states
-    in CPU memory; the attention then runs on CPU. ``impl``: ``torch`` (any device), ``triton`` (the fused kernel
-    of ``r2m.kernels``), ``auto`` (``triton`` for CUDA states, ``torch`` otherwise).
+    The states sit in ``rollouts``, an `r2m.buffer.RolloutStore` keyed by `fingerprints`: a forward without
+    gradients (experience making) adds a batch, a training forward refreshes the newest batch holding each of its
+    samples (a sample not held yet is added, marked refreshed). ``attend(keys, u) -> (c, lse, ok, token)`` and
+    ``attend_backward(token, dc) -> du`` are SPEC section 3's "attend(u) -> c" (`r2m.fusion.attend`) and its gradient
+    w.r.t. u (the policy states get none). ``offload`` keeps the states in CPU memory; the attention then runs on
+    CPU. ``impl``: ``torch`` (any device), ``triton`` (the fused kernel of ``r2m.kernels``), ``auto`` (``triton``
+    for CUDA states, ``torch`` otherwise).
     """
 
     def __init__(self, offload: bool = False, impl: str = "auto"):
-        if impl not in ("auto", "torch", "triton", "naive"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
         self.offload = offload
-        self.impl = impl
-        self._states: dict[str, Tensor] = {}
-        self._trained: set[str] = set()
+        # ``naive`` projects keys and values, which live on the reward side: here it is the absorbed ``torch``.
+        self.impl = "torch" if impl == "naive" else impl
+        self.rollouts = RolloutStore()
         self._saved: dict[str, _Saved] = {}
 
     def put(self, keys: Sequence[str], states: Sequence[Tensor], trained: bool = False) -> None:
-        """Keep (or replace) the states [S_i - 1, D_p] of each sample; ``trained``: they come from a training pass."""
+        """Keep the states [S_i - 1, D_p] of each sample; ``trained``: they come from a training pass (they replace
+        the kept ones, or are added marked refreshed)."""
         if len(keys) != len(states):
             raise ValueError(f"put got {len(keys)} keys for {len(states)} state tensors")
-        for key, state in zip(keys, states, strict=True):
-            state = state.detach()
-            self._states[key] = state.to("cpu") if self.offload else state
-            if trained:
-                self._trained.add(key)
+        rows = [state.detach() for state in states]
+        if not rows:
+            return
+        # Batches are never released: the driver drops a round's states with `clear` after its update.
+        if not trained:
+            self.rollouts.add(self._packed(rows), keys, release_at=0)
+            return
+        held = self.rollouts.keys()
+        known = [i for i, key in enumerate(keys) if key in held]
+        new = [i for i, key in enumerate(keys) if key not in held]
+        if known:
+            self.rollouts.refresh([keys[i] for i in known], self._packed([rows[i] for i in known]))
+        if new:
+            self.rollouts.add(self._packed([rows[i] for i in new]), [keys[i] for i in new], release_at=0,
+                              refreshed=True)
 
     def held(self) -> dict[str, bool]:
         """Key -> whether its states come from a training pass, for every sample whose states are kept."""
-        return {key: key in self._trained for key in self._states}
+        return {key: self.rollouts.is_refreshed(key) for key in self.rollouts.keys()}
 
     def clear(self) -> None:
         """Drop every kept state and every pending backward."""
-        self._states.clear()
-        self._trained.clear()
+        self.rollouts.clear()
         self._saved.clear()
 
     def states(self, keys: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Packed states [N, D_p] of ``keys`` in that order (repeats allowed) and cu_seqlens [B + 1] int32."""
-        rows = self._rows(keys)
-        lengths = torch.tensor([row.shape[0] for row in rows], dtype=torch.int32)
-        cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-        return torch.cat(rows), cu_seqlens
+        try:
+            found = self.rollouts.lookup(keys)
+        except KeyError:
+            missing = [key for key in keys if key not in self.rollouts]
+            raise KeyError(f"no policy states for {len(missing)} of {len(keys)} samples (first: {missing[0]}); they "
+                           f"are captured by this policy actor's forward on the same tokens") from None
+        return found.hidden, found.cu_seqlens.to(torch.int32)
 
     @torch.no_grad()
     def attend(self, keys: Sequence[str], u: Tensor, keep_for_backward: bool = False
@@ -113,51 +124,33 @@ class PolicyStateStore:
         non-finite states are zeroed first, as the core does) and, with ``keep_for_backward``, the token that
         `attend_backward` takes."""
         hidden, cu_seqlens, ok = self._clean(keys)
-        u = self._check_u(u, len(keys), hidden)
-        if self._resolve_impl(hidden) == "triton":
-            from r2m.kernels import seq_to_token_attention
-
-            c, lse = seq_to_token_attention(hidden, cu_seqlens.to(hidden.device), u)
-        else:
-            padded, mask = unpack(hidden.float(), cu_seqlens.to(hidden.device))
-            probs, lse = _probs(padded, mask, u)
-            c = torch.einsum("bhs,bsd->bhd", probs, padded)
+        c, lse = fusion.attend(hidden, u, cu_seqlens=cu_seqlens, impl=self.impl)
         token = None
         if keep_for_backward:
             token = uuid.uuid4().hex
-            self._saved[token] = _Saved(list(keys), u, c, lse)
+            self._saved[token] = _Saved(list(keys), u.detach())
         return c, lse, ok, token
 
-    @torch.no_grad()
     def attend_backward(self, token: str, dc: Tensor) -> Tensor:
-        """du [B, H, D_p] for dc = dL/dc of the `attend` call that returned ``token`` (SPEC section 3):
-        dp_s = h_s . dc_e, D_e = dc_e . c_e, ds_s = p_s (dp_s - D_e), du_e = sum_s ds_s h_s."""
+        """du [B, H, D_p] for dc = dL/dc of the `attend` call that returned ``token``: the gradient of the same
+        `r2m.fusion.attend` w.r.t. u."""
         saved = self._saved.pop(token, None)
         if saved is None:
             raise KeyError(f"no pending attention for token {token!r} (already used, or the states were cleared)")
+        if dc.shape != saved.u.shape:
+            raise ValueError(f"dc must have the shape of c {tuple(saved.u.shape)}, got {tuple(dc.shape)}")
         hidden, cu_seqlens, _ = self._clean(saved.keys)
-        dc = dc.to(device=saved.u.device, dtype=torch.float32)
-        if dc.shape != saved.c.shape:
-            raise ValueError(f"dc must have the shape of c {tuple(saved.c.shape)}, got {tuple(dc.shape)}")
-        if self._resolve_impl(hidden) == "triton":
-            from r2m.kernels import seq_to_token_attention
+        u = saved.u.float().requires_grad_(True)
+        with torch.enable_grad():
+            c, _ = fusion.attend(hidden, u, cu_seqlens=cu_seqlens, impl=self.impl)
+        return torch.autograd.grad(c, u, dc.to(device=c.device, dtype=c.dtype))[0]
 
-            with torch.enable_grad():
-                u = saved.u.detach().requires_grad_(True)
-                c, _ = seq_to_token_attention(hidden, cu_seqlens.to(hidden.device), u)
-                return torch.autograd.grad(c, u, dc)[0]
-        padded, mask = unpack(hidden.float(), cu_seqlens.to(hidden.device))
-        probs, _ = _probs(padded, mask, saved.u)
-        dp = torch.einsum("bsd,bhd->bhs", padded, dc)
-        delta = (dc * saved.c).sum(dim=-1, keepdim=True)
-        return torch.einsum("bhs,bsd->bhd", probs * (dp - delta), padded)
-
-    def _rows(self, keys: Sequence[str]) -> list[Tensor]:
-        missing = [key for key in keys if key not in self._states]
-        if missing:
-            raise KeyError(f"no policy states for {len(missing)} of {len(keys)} samples (first: {missing[0]}); they "
-                           f"are captured by this policy actor's forward on the same tokens")
-        return [self._states[key] for key in keys]
+    def _packed(self, rows: list[Tensor]) -> CapturedStates:
+        # The store names samples by key: CapturedStates' token ids are not needed (an empty tuple marks "present").
+        packed = CapturedStates.from_samples(rows, [()] * len(rows))
+        if self.offload:
+            packed.hidden = packed.hidden.to("cpu")
+        return packed
 
     def _clean(self, keys: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         hidden, cu_seqlens = self.states(keys)
@@ -167,26 +160,7 @@ class PolicyStateStore:
         ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
         if not bool(token_ok.all()):
             hidden = torch.where(token_ok[:, None], hidden, hidden.new_zeros(()))
-        return hidden, cu_seqlens, ok.cpu()
-
-    def _check_u(self, u: Tensor, batch: int, hidden: Tensor) -> Tensor:
-        if not isinstance(u, Tensor) or u.dim() != 3 or u.shape[0] != batch or u.shape[2] != hidden.shape[-1]:
-            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-            raise ValueError(f"u must have shape [batch={batch}, heads, D_p={hidden.shape[-1]}], got {got}")
-        return u.to(device=hidden.device, dtype=torch.float32).contiguous()
-
-    def _resolve_impl(self, hidden: Tensor) -> str:
-        if self.impl == "auto":
-            return "triton" if hidden.is_cuda else "torch"
-        return "triton" if self.impl == "triton" else "torch"
-
-
-def _probs(padded: Tensor, mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention weights p [B, H, S] (zero off the mask) and their log-sum-exp [B, H] (-inf for empty rows)."""
-    scores = torch.einsum("bsd,bhd->bhs", padded, u).masked_fill(~mask[:, None, :], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe[..., None]), lse
+        return hidden, cu_seqlens.to(hidden.device), ok.cpu()
 
 
 class PolicyFeedbackCapture:

@@ -17,12 +17,11 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOConfig, RLOOTrainer, TrlParser, get_peft_config
 
-from r2m.config import MODES, R2MConfig
+from r2m.config import R2MConfig, config_flags
 from r2m.integrations.trl.reward import R2MReward
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-_DEFAULT = R2MConfig()
 
 
 @dataclass
@@ -43,39 +42,27 @@ class R2MScriptArguments:
         "help": "More reward functions mixed with R2M, as dotted import paths (e.g. `my_rewards.length_reward`)."})
 
 
-@dataclass
-class R2MArguments:
-    """R2M hyper-parameters: one flag per `r2m.R2MConfig` field."""
+FLAG_NOTES = {"total_steps": "None here: the trainer's max_steps.",
+              "seed": "It also seeds the fusion's initialisation; None here: the trainer's --seed."}
 
-    r2m_omega_min: float = field(default=_DEFAULT.omega_min, metadata={
-        "help": "Floor Omega of the weight w(t) = max(0.5 cos(pi t / T) + 0.5, Omega) of the RM's own embedding "
-                "(paper: 0.6 for Llama3-8B, 0.7 for Qwen2.5-3B)."})
-    r2m_alpha: float = field(default=_DEFAULT.alpha, metadata={
-        "help": "Weight of the group reward entropy loss in GREBT = (1 - alpha) BT + alpha GRE (paper: 0.3)."})
-    r2m_lr: float = field(default=_DEFAULT.lr, metadata={
-        "help": "Adam learning rate of the R2M update of the cross-attention and scoring head (paper: 1e-6)."})
-    r2m_attn_dim: int = field(default=_DEFAULT.attn_dim, metadata={
-        "help": "Width d of the sequence-to-token cross-attention (paper: 2048; capped at the larger model width)."})
-    r2m_num_heads: int = field(default=_DEFAULT.num_heads, metadata={"help": "Attention heads (paper: 1)."})
-    r2m_total_steps: int | None = field(default=_DEFAULT.total_steps, metadata={
-        "help": "T of the schedule w(t); default: the trainer's max_steps."})
-    r2m_mode: str = field(default=_DEFAULT.mode, metadata={
-        "help": f"One of {MODES}: the full method or one of the paper's baselines/ablations.",
-        "choices": list(MODES)})
-    r2m_update_steps: int = field(default=_DEFAULT.update_steps, metadata={
-        "help": "Optimiser steps of the R2M update per generation batch."})
-    r2m_max_grad_norm: float | None = field(default=_DEFAULT.max_grad_norm, metadata={
-        "help": "Gradient-norm clip of the R2M update (None: no clipping)."})
-    r2m_hidden_offload: bool = field(default=_DEFAULT.hidden_offload, metadata={
-        "help": "Keep the captured policy hidden states on CPU until the update."})
-    r2m_seed: int | None = field(default=_DEFAULT.seed, metadata={
-        "help": "Seed of the R2M initialisation and noise (default: the trainer's --seed)."})
-    r2m_impl: str = field(default=_DEFAULT.impl, metadata={
-        "help": "Attention implementation: auto, naive, torch or triton.", "choices": ["auto", "naive", "torch",
-                                                                                      "triton"]})
+
+def arguments_class(config_class: type = R2MConfig) -> type:
+    """A dataclass with one ``r2m_<field>`` field per field of ``config_class`` (its type, default, help and
+    choices), for TRL's `TrlParser` / HfArgumentParser; ``to_config()`` builds the config from the parsed values."""
 
     def to_config(self) -> R2MConfig:
-        return R2MConfig(**{f.name.removeprefix("r2m_"): getattr(self, f.name) for f in dataclasses.fields(self)})
+        return config_class(**{f.name.removeprefix("r2m_"): getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    fields = []
+    for flag in config_flags(config_class, FLAG_NOTES):
+        metadata = {"help": flag.help} if flag.choices is None else {"help": flag.help, "choices": list(flag.choices)}
+        fields.append((f"r2m_{flag.name}", flag.hint, field(default=flag.default, metadata=metadata)))
+    return dataclasses.make_dataclass("R2MArguments", fields, namespace={
+        "__module__": __name__, "__doc__": f"R2M hyper-parameters: one flag per `{config_class.__name__}` field.",
+        "_argument_group_name": "R2M (real-time aligned reward model)", "to_config": to_config})
+
+
+R2MArguments = arguments_class()
 
 
 def make_parser(kind: str) -> TrlParser:
