@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from r2m.config import R2MConfig
 from r2m.fusion import SequenceToTokenAttention
-from r2m.losses import bt_loss, gre_loss, grebt_loss, select_pairs
+from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
 from r2m.schedule import omega
 
 CONFIG_NAME = "r2m_config.json"
@@ -23,6 +24,8 @@ WEIGHTS_NAME = "r2m_model.safetensors"
 OPTIMIZER_NAME = "r2m_optimizer.safetensors"
 # Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
+# Config fields a resumed run may change: it trains on with this config's value, with a warning.
+TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm")
 # "attend(u) -> c" run wherever the policy states live (SPEC 3): query vectors u [B, H, D_p] -> the attended states
 # c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -32,7 +35,8 @@ class R2MModule(nn.Module):
     """An R2M reward r = w(t) r_base + (1 - w(t)) head(Ĥ), Ĥ = fusion(RTE, policy hidden states) (paper Eq. 4).
 
     Subclasses say what the reward-token embedding (`rte`) and the base reward are. Only ``fusion`` and ``head``
-    train (``head`` alone in ``head_only`` mode, where the RTE stands in for Ĥ).
+    train (``head`` alone in ``head_only`` mode, where the RTE stands in for Ĥ). They and the optimizer state stay
+    float32: ``.to(dtype)``, ``.half()`` and the like cast only the wrapped model, devices move everything.
     """
 
     def __init__(self, rm_dim: int, policy_hidden_size: int, config: R2MConfig | None, head: nn.Linear):
@@ -52,8 +56,26 @@ class R2MModule(nn.Module):
         self.head = head
         self.total_steps: int | None = config.total_steps
         self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=config.lr)
-        self._noise = torch.Generator(device=device)
-        self._noise.manual_seed(config.seed if config.seed is not None else torch.seed())
+        # The noise of mode "noise" comes from this CPU generator (its state is checkpointed), whatever the device of
+        # the policy states: each draw seeds a generator on their device from it (`_noise_generator`).
+        self._noise = torch.Generator()
+        self._noise.manual_seed(config.seed if config.seed is not None else torch.Generator().seed())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> R2MModule:
+        """What ``.to``/``.cuda``/``.half``/... run. The wrapped model gets ``fn``; so do fusion, head and the
+        optimizer state unless ``fn`` casts float32 tensors (a probe tells), in which case they only follow it to
+        its device and stay float32."""
+        probe = fn(torch.zeros((), dtype=torch.float32))
+        trainable_fn = fn if probe.dtype == torch.float32 else (lambda t: t.to(probe.device))
+        super()._apply(fn, recurse=False)
+        if recurse:
+            for module in self.children():
+                module._apply(trainable_fn if module is self.fusion or module is self.head else fn)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if key != "step":  # Adam keeps its step count on the CPU (it is not capturable here)
+                    state[key] = value.to(probe.device)
+        return self
 
     def rte(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Reward-token embedding [B, D_rm] of the reward model's input."""
@@ -104,7 +126,9 @@ class R2MModule(nn.Module):
         ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
         loser). Under torch.distributed each rank passes its contiguous, equal-sized slice of the global
         group-major batch; only per-sample rewards travel, and every rank ends with identical weights.
-        Groups with a non-finite reward, RTE or hidden state are skipped and counted.
+        Groups with a non-finite reward, RTE or hidden state are skipped and counted (``groups_skipped``); groups
+        whose fused rewards are tied for the GRE term (`r2m.losses.degenerate_groups`) are counted in
+        ``groups_degenerate`` (of the last of ``update_steps``).
         """
         start = time.perf_counter()
         device = self.head.weight.device
@@ -120,13 +144,13 @@ class R2MModule(nn.Module):
         stats = {"omega": w, "loss": 0.0, "bt": 0.0, "gre": 0.0}
         groups = all_rewards.numel() // group_size
         if not self.config.trains:
-            return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "update_ms": 0.0}
+            return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "groups_degenerate": 0.0, "update_ms": 0.0}
         fused, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
         sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
         winner, loser, has_pair = select_pairs(annotation[group_ok])
-        used = int(group_ok.sum())
+        used, degenerate = int(group_ok.sum()), 0
         for inner in range(self.config.update_steps if used else 0):
             if inner:
                 fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
@@ -141,8 +165,9 @@ class R2MModule(nn.Module):
                 bt = bt_loss(group_rewards.gather(1, winner[:, None]), group_rewards.gather(1, loser[:, None]))
                 stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()),
                              bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
+                degenerate = int(degenerate_groups(group_rewards).sum())
         return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
-                "update_ms": 1000.0 * (time.perf_counter() - start)}
+                "groups_degenerate": float(degenerate), "update_ms": 1000.0 * (time.perf_counter() - start)}
 
     def _step(self, world: int) -> None:
         params = self.trainable_parameters()
@@ -211,8 +236,14 @@ class R2MModule(nn.Module):
             centred = (hidden.float() - mean[segment, None]).square().sum(-1)
             var = torch.zeros_like(count).index_add_(0, segment, centred) / count
             mean, var = mean[segment, None], var[segment, None]
-        noise = torch.randn(hidden.shape, generator=self._noise, device=hidden.device)
+        noise = torch.randn(hidden.shape, generator=self._noise_generator(hidden.device), device=hidden.device)
         return (mean + var.sqrt() * noise).to(hidden.dtype)
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """A generator on ``device`` for one noise draw, seeded from the checkpointed CPU generator (which advances):
+        deterministic on any device, and the same on resume."""
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=self._noise))
+        return torch.Generator(device=device).manual_seed(seed)
 
     def _check_rte(self, rte: Tensor) -> Tensor:
         if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:
@@ -241,9 +272,29 @@ class R2MModule(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, reward_model: nn.Module,
-                        config: R2MConfig | None = None) -> R2MModule:
-        """Rebuild an R2M reward saved by `save_pretrained` around ``reward_model`` (the same frozen model)."""
+    def from_pretrained(cls, *args: nn.Module | str | os.PathLike, config: R2MConfig | None = None,
+                        **kwargs: nn.Module | str | os.PathLike) -> R2MModule:
+        """Rebuild an R2M reward saved by `save_pretrained` around ``reward_model`` (the same frozen model).
+
+        ``from_pretrained(reward_model, path)`` in PEFT's order; the earlier ``from_pretrained(path, reward_model)``
+        and the keywords ``reward_model=`` / ``save_directory=`` work too. ``config`` (default: the checkpoint's)
+        may change the fields of ``TRAINING_FIELDS``.
+        """
+        unknown = set(kwargs) - {"reward_model", "save_directory"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
+        if len(args) == 3 and config is None and (args[2] is None or isinstance(args[2], R2MConfig)):  # with config
+            *args, config = args
+        given = [*args, *kwargs.values()]
+        models = [a for a in given if isinstance(a, nn.Module)]
+        paths = [a for a in given if isinstance(a, (str, os.PathLike))]
+        misplaced = not isinstance(kwargs.get("reward_model", nn.Module()), nn.Module) or \
+            not isinstance(kwargs.get("save_directory", ""), (str, os.PathLike))
+        if len(given) != 2 or len(models) != 1 or len(paths) != 1 or misplaced:
+            raise TypeError(f"from_pretrained takes the reward model (an nn.Module) and the directory save_pretrained "
+                            f"wrote (a str or os.PathLike): from_pretrained(reward_model, path); got "
+                            f"{[type(a).__name__ for a in given]}")
+        (reward_model,), (save_directory,) = models, paths
         meta = read_meta(save_directory)
         model = cls(reward_model, meta["policy_dim"], config if config is not None else R2MConfig(**meta["config"]))
         model.load_state(save_directory)
@@ -251,7 +302,10 @@ class R2MModule(nn.Module):
 
     def load_state(self, save_directory: str | os.PathLike) -> None:
         """Restore fusion, head, optimizer and noise state in place from `save_pretrained` output, after checking
-        that the checkpoint was made for the same kind of reward, dimensions and config."""
+        that the checkpoint was made for the same kind of reward, dimensions and structural config.
+
+        A change of a ``TRAINING_FIELDS`` value is kept (the optimizer takes this config's ``lr``) and warned about.
+        """
         directory = Path(save_directory)
         meta = read_meta(directory)
         expected = {"kind": type(self).__name__, "rm_dim": self.rm_dim, "policy_dim": self.policy_dim,
@@ -262,6 +316,11 @@ class R2MModule(nn.Module):
         if mismatched:
             details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"the R2M checkpoint in {directory} does not match this reward model/config ({details})")
+        for field in TRAINING_FIELDS:
+            old, new = meta["config"].get(field), getattr(self.config, field)
+            if field in meta["config"] and old != new:
+                warnings.warn(f"R2M checkpoint {directory} was trained with {field}={old!r}; resuming with this "
+                              f"config's {field}={new!r}", stacklevel=2)
         weights = load_file(str(directory / WEIGHTS_NAME))
         device = self.head.weight.device
         self.fusion.load_state_dict({k[7:]: v.to(device) for k, v in weights.items() if k.startswith("fusion.")})
@@ -276,6 +335,8 @@ class R2MModule(nn.Module):
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
             self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr
 
 
 def read_meta(save_directory: str | os.PathLike) -> dict:

@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A group whose rewards spread less than this (population std) counts as all-equal: its GRE term is the
-# constant log K with exactly zero gradient, as the paper shows it is in the limit.
-GRE_STD_EPS = 1e-6
+# A group whose rewards spread (population std) at most GRE_REL_EPS * max_j |r_j| (GRE_ABS_EPS near zero) counts as
+# all-equal: its GRE term is the constant log K with exactly zero gradient, as the paper shows it is in the limit.
+# Why 1e-4: a float32 reward of magnitude M from a D-wide linear head carries a rounding error of about
+# sqrt(D) * 6e-8 * M (~4e-6 M at D = 4096), so a spread below ~1e-4 M mostly ranks rounding noise, which the z-scores
+# would blow up to O(1) and the 1/std gradient would follow; a spread a reward model means (>= 0.01% of its scale)
+# keeps its GRE term. It also bounds the gradient of every non-degenerate group: |dL/dr|_2 <= 2 log K / std
+# < 2 log K / (1e-4 max|r|). The absolute floor only matters for rewards within ~1e-8 of zero.
+GRE_REL_EPS = 1e-4
+GRE_ABS_EPS = 1e-12
 
 
 def _check_groups(name: str, rewards: Tensor) -> None:
@@ -30,18 +36,32 @@ def bt_loss(r_w: Tensor, r_l: Tensor) -> Tensor:
     return -F.logsigmoid(r_w - r_l)
 
 
+def _spread(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group: rewards minus their mean [G, K], population variance [G, 1], degenerate [G, 1] bool."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    var = centred.square().mean(dim=1, keepdim=True)
+    with torch.no_grad():
+        scale = rewards.abs().amax(dim=1, keepdim=True)
+        degenerate = var.sqrt() <= (GRE_REL_EPS * scale).clamp_min(GRE_ABS_EPS)
+    return centred, var, degenerate
+
+
+def degenerate_groups(rewards: Tensor) -> Tensor:
+    """Which groups [G] (bool) `gre_loss` treats as ties: rewards spread at most ``GRE_REL_EPS`` of the group's
+    largest magnitude (float32 resolution), or ``GRE_ABS_EPS`` near zero."""
+    _check_groups("degenerate_groups: rewards", rewards)
+    return _spread(rewards)[2].squeeze(1)
+
+
 def gre_loss(rewards: Tensor) -> Tensor:
     """Group reward entropy -sum_j p_j log p_j with p = softmax of the group-standardised rewards, shape [G].
 
-    Uses the population std. A group with (numerically) equal rewards gets the constant log K and a gradient
-    of exactly zero, never NaN.
+    Uses the population std. A group whose rewards are tied up to float32 resolution (`degenerate_groups`) gets the
+    constant log K and a gradient of exactly zero, never NaN.
     """
     _check_groups("gre_loss: rewards", rewards)
-    mean = rewards.mean(dim=1, keepdim=True)
-    var = (rewards - mean).square().mean(dim=1, keepdim=True)
-    degenerate = var <= GRE_STD_EPS**2
-    std = torch.where(degenerate, torch.ones_like(var), var).sqrt()
-    z = (rewards - mean) / std
+    centred, var, degenerate = _spread(rewards)
+    z = centred / torch.where(degenerate, torch.ones_like(var), var).sqrt()
     log_p = torch.log_softmax(z, dim=1)
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     uniform = torch.full_like(entropy, math.log(rewards.shape[1]))

@@ -14,8 +14,9 @@ def wrap(reward_model: nn.Module, policy_hidden_size: int, config: R2MConfig | N
     """Turn a reward model into an R2M reward.
 
     A Hugging Face ``*ForSequenceClassification`` model (a scoring head named one of ``score``, ``classifier``,
-    ``v_head``, ``value_head``) gives an `R2MRewardModel`; a judge from ``r2m.adapters`` running a local model
-    (it has a ``judge_model``) gives an `R2MJudgeModel` over the judge's hidden states.
+    ``v_head``, ``value_head`` that is, or ends in, an nn.Linear(hidden_size, 1): decoders, DeBERTa, ModernBERT,
+    RoBERTa) gives an `R2MRewardModel`; a judge from ``r2m.adapters`` running a local model (it has a
+    ``judge_model``) gives an `R2MJudgeModel` over the judge's hidden states.
     """
     judge_model = getattr(reward_model, "judge_model", None)
     if isinstance(judge_model, nn.Module):

@@ -99,3 +99,55 @@ def test_grebt_alpha_extremes():
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def spread_group(scale, std, k=4, dtype=torch.float32):
+    """A group of K rewards around ``scale`` with population std ``std`` (before rounding to ``dtype``)."""
+    pattern = torch.linspace(-1.0, 1.0, k, dtype=torch.float64)
+    pattern = pattern / pattern.square().mean().sqrt()
+    return (scale + std * pattern).to(dtype)[None]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, -1e-3, 30.0])
+def test_degenerate_threshold_is_relative_to_the_rewards_scale(scale):
+    threshold = losses.GRE_REL_EPS * abs(scale)
+    for factor in (1e-3, 0.5, 0.9):  # ties up to float32 resolution: constant log K, exactly zero gradient
+        rewards = spread_group(scale, factor * threshold).requires_grad_(True)
+        assert losses.degenerate_groups(rewards).tolist() == [True]
+        out = losses.gre_loss(rewards)
+        out.sum().backward()
+        assert out.item() == pytest.approx(math.log(4)) and torch.equal(rewards.grad, torch.zeros_like(rewards))
+    for factor in (1.1, 2.0, 10.0, 1e3):  # a real spread: finite gradient bounded by 2 log K / std
+        rewards = spread_group(scale, factor * threshold).requires_grad_(True)
+        assert losses.degenerate_groups(rewards).tolist() == [False]
+        losses.gre_loss(rewards).sum().backward()
+        norm = rewards.grad.norm().item()
+        std = rewards.detach().double().std(correction=0).item()
+        assert 0 < norm <= 2 * math.log(4) / std and math.isfinite(norm)
+        assert norm <= 2 * math.log(4) / threshold
+
+
+def test_old_absolute_cliff_is_gone():
+    """Rewards of scale 1 spread by 2e-6 (float32 noise there): the old absolute 1e-6 threshold gave a ~7e4
+    gradient; now the group is a tie with zero gradient."""
+    rewards = spread_group(1.0, 2e-6).requires_grad_(True)
+    losses.gre_loss(rewards).sum().backward()
+    assert torch.equal(rewards.grad, torch.zeros_like(rewards))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_gre_just_above_the_threshold_matches_float64_reference(dtype, tolerance):
+    for scale in (1.0, 250.0):
+        rewards = torch.cat([spread_group(scale, 1.5 * losses.GRE_REL_EPS * scale, k=6, dtype=dtype),
+                             (scale + torch.randn(1, 6, dtype=dtype) * 2e-3 * scale)])
+        torch.testing.assert_close(losses.gre_loss(rewards).double(), reference_gre(rewards), atol=tolerance,
+                                   rtol=0)
+
+
+def test_tiny_and_zero_rewards_never_give_nan():
+    rewards = torch.tensor([[0.0, 0.0, 0.0], [1e-14, -1e-14, 0.0], [5e-12, 2e-12, 0.0]], requires_grad=True)
+    out = losses.gre_loss(rewards)
+    out.sum().backward()
+    assert losses.degenerate_groups(rewards).tolist() == [True, True, False]
+    assert torch.isfinite(out).all() and torch.isfinite(rewards.grad).all()
+    assert torch.equal(rewards.grad[:2], torch.zeros(2, 3)) and rewards.grad[2].abs().sum() > 0

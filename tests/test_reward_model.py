@@ -1,6 +1,8 @@
 """R2MRewardModel on real (tiny) transformers reward models."""
 
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -85,7 +87,8 @@ def test_update_gradient_matches_float64_reference(reward_model):
     model = make(reward_model, max_grad_norm=None)
     torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.2)
     rte, hidden, mask, rewards = batch(seed=5)
-    reference = copy.deepcopy(model).double()
+    reference = copy.deepcopy(model)
+    reference.fusion.double(), reference.head.double()  # rm.double() casts only the wrapped reward model
     step, group_size = 4, 4
     w = r2m.omega(step, 10, 0.6)
     h64 = torch.where(mask[..., None], hidden.double(), 0.0)
@@ -214,7 +217,7 @@ def test_save_and_load_round_trip_is_bit_identical(reward_model, tmp_path):
     model.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"r2m_config.json", "r2m_model.safetensors",
                                                     "r2m_optimizer.safetensors"}
-    loaded = r2m.R2MRewardModel.from_pretrained(tmp_path, copy.deepcopy(reward_model))
+    loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path)
     for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters(), strict=False):
         assert torch.equal(a, b)
     for step in (2, 3):
@@ -300,3 +303,164 @@ def test_context_attend_gives_the_same_rewards_and_update(reward_model):
     noise = make(copy.deepcopy(reward_model), mode="noise")
     with pytest.raises(ValueError, match="mode 'noise' draws noise"):
         noise.reward_from_rte(rte, None, None, 3, context=attend)
+
+
+def test_from_pretrained_takes_either_argument_order(reward_model, tmp_path):
+    model = make(reward_model)
+    rte, hidden, mask, rewards = batch(seed=31)
+    model.update(rte, hidden, mask, rewards, 4, 0)
+    model.save_pretrained(tmp_path)
+    calls = [lambda m: r2m.R2MRewardModel.from_pretrained(m, tmp_path),
+             lambda m: r2m.R2MRewardModel.from_pretrained(str(tmp_path), m),
+             lambda m: r2m.R2MRewardModel.from_pretrained(save_directory=tmp_path, reward_model=m),
+             lambda m: r2m.R2MRewardModel.from_pretrained(tmp_path, reward_model=m),
+             lambda m: r2m.R2MRewardModel.from_pretrained(tmp_path, m, None)]
+    for call in calls:
+        loaded = call(copy.deepcopy(reward_model))
+        assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters(),
+                                                     strict=True))
+    for args in ((str(tmp_path), str(tmp_path)), (reward_model, reward_model), (reward_model, 3)):
+        with pytest.raises(TypeError, match=r"from_pretrained takes the reward model \(an nn.Module\) and the "
+                                            r"directory save_pretrained wrote .* got "):
+            r2m.R2MRewardModel.from_pretrained(*args)
+
+
+def test_resume_trains_with_the_new_lr_and_warns_of_changed_fields(reward_model, tmp_path):
+    model = make(reward_model)
+    rte, hidden, mask, rewards = batch(seed=37)
+    model.update(rte, hidden, mask, rewards, 4, 0)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path)
+    changed = dataclasses.replace(model.config, lr=3e-3, omega_min=0.7, alpha=0.5)
+    with pytest.warns(UserWarning) as record:
+        loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path, config=changed)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 3
+    for field, old, new in (("alpha", 0.3, 0.5), ("lr", 0.01, 0.003), ("omega_min", 0.6, 0.7)):
+        assert any(f"trained with {field}={old!r}; resuming with this config's {field}={new!r}" in m
+                   for m in messages), field
+    group, saved_group = loaded.optimizer.param_groups[0], model.optimizer.param_groups[0]
+    assert group["lr"] == 3e-3
+    settings = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k not in ("lr", "params")}
+                for g in (group, saved_group)]
+    assert settings[0] == settings[1]
+    # reference: the original run, continued with the new hyper-parameters set by hand
+    reference = copy.deepcopy(model)
+    reference.config = changed
+    for g in reference.optimizer.param_groups:
+        g["lr"] = 3e-3
+    for m in (loaded, reference):
+        m.update(rte, hidden, mask, rewards, 4, 1)
+    for a, b in zip(reference.trainable_parameters(), loaded.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unseeded_wrap_leaves_the_global_rng_alone(reward_model):
+    draws = []
+    for seed in (None, 7):
+        torch.manual_seed(0)
+        make(reward_model, seed=seed)
+        draws.append(torch.rand(16))
+        assert torch.initial_seed() == 0
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    assert make(reward_model, seed=None)._noise.initial_seed() != make(reward_model, seed=None)._noise.initial_seed()
+
+
+@pytest.mark.parametrize("cast, dtype", [
+    (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    (lambda m: m.bfloat16(), torch.bfloat16),
+    (lambda m: m.half(), torch.float16),
+    (lambda m: m.to("cpu", torch.float64), torch.float64),
+])
+def test_dtype_casts_reach_only_the_reward_model(reward_model, tokenizer, cast, dtype):
+    model = make(reward_model)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.3)
+    rte, hidden, mask, rewards = batch(seed=41)
+    model.update(rte, hidden, mask, rewards, 4, 0)
+    assert cast(model) is model
+    assert {p.dtype for p in model.reward_model.parameters()} == {dtype}
+    assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
+    assert {v.dtype for s in model.optimizer.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+    assert model.optimizer.param_groups[0]["params"][0] is model.trainable_parameters()[0]
+    enc = tokenizer(["w1 w2 w3", "w4"], return_tensors="pt", padding=True)
+    encoded = model.rte(enc.input_ids, enc.attention_mask)
+    assert encoded.dtype == dtype
+    reward = model.reward_from_rte(encoded, hidden[:2].to(dtype), mask[:2], 1)
+    assert reward.dtype == torch.float32 and torch.isfinite(reward).all()
+    stats = model.update(rte, hidden, mask, rewards, 4, 1)
+    assert stats["groups_used"] == 2 and all(torch.isfinite(p).all() for p in model.trainable_parameters())
+    model.float()
+    assert {p.dtype for p in model.reward_model.parameters()} == {torch.float32}
+
+
+def noise_rewards(model, calls=3, seed=43):
+    rte, hidden, mask, _ = batch(seed=seed)
+    return [model.reward_from_rte(rte, hidden, mask, step=2) for _ in range(calls)]
+
+
+def test_noise_is_deterministic_and_resumes(reward_model, tmp_path):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(make(copy.deepcopy(reward_model), mode="noise", seed=5))
+        torch.nn.init.normal_(models[-1].fusion.o_proj.weight, std=0.5)
+    first, second = noise_rewards(models[0]), noise_rewards(models[1])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(first[0], first[1])  # every call draws fresh noise
+    models[0].save_pretrained(tmp_path)
+    loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path)
+    for a, b in zip(noise_rewards(models[0]), noise_rewards(loaded), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_noise_draws_on_the_device_of_the_states(reward_model, monkeypatch):
+    model = make(reward_model, mode="noise", seed=5).to(torch.bfloat16)
+    devices = []
+    draw = model._noise_generator
+
+    def spy(device):
+        generator = draw(device)
+        devices.append((device, generator.device))
+        return generator
+
+    monkeypatch.setattr(model, "_noise_generator", spy)
+    rte, hidden, mask, _ = batch(seed=47)
+    assert torch.isfinite(model.reward_from_rte(rte, hidden, mask, step=2)).all()
+    assert devices == [(hidden.device, hidden.device)]
+    assert model._noise.device.type == "cpu"  # the checkpointed generator never moves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_move_keeps_noise_and_training_working(reward_model, tokenizer, tmp_path):
+    model = make(reward_model, mode="noise", seed=5)
+    rte, hidden, mask, rewards = batch(seed=53)
+    model.update(rte, hidden, mask, rewards, 4, 0)
+    model.to("cuda", torch.bfloat16)
+    assert model.head.weight.is_cuda and model.head.weight.dtype == torch.float32
+    assert all(v.is_cuda for s in model.optimizer.state.values() for k, v in s.items() if k != "step")
+    enc = tokenizer(["w1 w2 w3", "w4"], return_tensors="pt", padding=True)
+    assert model.rte(enc.input_ids, enc.attention_mask).is_cuda
+    reward = model.reward_from_rte(rte.cuda(), hidden.cuda(), mask.cuda(), 1)
+    assert reward.is_cuda and torch.isfinite(reward).all()
+    model.update(rte.cuda(), hidden.cuda(), mask.cuda(), rewards.cuda(), 4, 1)
+    model.save_pretrained(tmp_path)
+    loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model).cuda(), tmp_path)
+    torch.testing.assert_close(model.reward_from_rte(rte.cuda(), hidden.cuda(), mask.cuda(), 1),
+                               loaded.reward_from_rte(rte.cuda(), hidden.cuda(), mask.cuda(), 1))
+
+
+def test_update_counts_degenerate_groups(reward_model):
+    model = make(reward_model)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.3)
+    rte, hidden, mask, rewards = batch(n=12, seed=59)
+    rte[0:4], hidden[0:4], mask[0:4] = rte[0], hidden[0], mask[0]  # identical responses: exactly tied rewards
+    rte[4:8] = rte[4] * (1 + 1e-7 * torch.randn(4, 1)) * 1e3  # tied up to float32 resolution, at reward scale ~1e3
+    rte[8:12] = rte[8] * (1 + 1e-2 * torch.randn(4, 1)) * 1e3  # a spread the GRE term must keep
+    hidden[4:12], mask[4:12] = hidden[4], mask[4]
+    stats = model.update(rte, hidden, mask, rewards, group_size=4, step=3)
+    assert (stats["groups_used"], stats["groups_skipped"], stats["groups_degenerate"]) == (3, 0, 2)
+    frozen = make(reward_model, mode="frozen").update(rte, hidden, mask, rewards, group_size=4, step=3)
+    assert frozen["groups_degenerate"] == 0

@@ -18,7 +18,7 @@ import trl_tiny
 
 TRAINERS = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}
 R2M_METRICS = ("r2m/loss", "r2m/bt", "r2m/gre", "r2m/omega", "r2m/reward_mean", "r2m/vanilla_reward_mean",
-               "r2m/groups_skipped", "r2m/update_ms", "r2m/extra_forward_share",
+               "r2m/groups_skipped", "r2m/groups_degenerate", "r2m/update_ms", "r2m/extra_forward_share",
                "r2m/capture_ms", "r2m/state_similarity")
 
 
