@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer, RLOOTrainer
 
 import r2m
+import r2m.tiny
 from r2m.integrations.trl import R2MReward
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -110,3 +111,32 @@ def test_masked_truncated_samples_are_refreshed_with_the_training_pass_states(tm
             torch.testing.assert_close(rollout.states.sample(row), expected, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rm_family", ["deberta-v2", "modernbert", "gpt_neox"])
+def test_encoder_and_neox_reward_models_score_exactly_their_logits_at_the_start(rm_family, tmp_path):
+    """At t = 0, w = 1: R2M's reward is the wrapped RM's own score of each prompt + completion."""
+    policy, policy_tokenizer, _, reward_tokenizer = trl_tiny.models_()
+    torch.manual_seed(1)
+    reward_model = r2m.tiny.build_reward_model(reward_tokenizer, rm_family, hidden_size=32).eval()
+    reward = R2MReward(reward_model, reward_tokenizer, config=r2m.R2MConfig(lr=1e-2, attn_dim=16, seed=0))
+    calls = []
+
+    class Recording(R2MReward):
+        def __call__(self, *args, **kwargs):
+            out = R2MReward.__call__(self, *args, **kwargs)
+            calls.append((kwargs["prompts"], kwargs["completions"], out))
+            return out
+
+    reward.__class__ = Recording
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward],
+                          args=trl_tiny.args("grpo", str(tmp_path), max_steps=2, mask_truncated_completions=True),
+                          train_dataset=trl_tiny.dataset(), processing_class=policy_tokenizer)
+    trainer.train()
+    prompts, completions, rewards = calls[0]
+    with torch.no_grad():
+        expected = [float(reward_model(**reward_tokenizer(p + c, return_tensors="pt", add_special_tokens=False)).logits)
+                    for p, c in zip(prompts, completions, strict=True)]
+    assert rewards == pytest.approx(expected, abs=1e-5)
+    assert len(reward.update_stats) == 2 and all(s["refreshed"] == 1.0 for s in reward.update_stats)
