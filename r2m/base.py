@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from r2m.config import R2MConfig
+from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.fusion import SequenceToTokenAttention
 from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
 from r2m.schedule import omega
@@ -25,7 +26,7 @@ OPTIMIZER_NAME = "r2m_optimizer.safetensors"
 # Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
 # Config fields a resumed run may change: it trains on with this config's value, with a warning.
-TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm")
+TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight")
 # "attend(u) -> c" run wherever the policy states live (SPEC 3): query vectors u [B, H, D_p] -> the attended states
 # c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -53,13 +54,14 @@ class R2MModule(nn.Module):
         self.fusion = SequenceToTokenAttention(rm_dim, policy_hidden_size,
                                                config.resolved_attn_dim(rm_dim, policy_hidden_size),
                                                config.num_heads, config.impl).to(device)
+        if config.fusion_init == "random":
+            self.fusion.o_proj.reset_parameters()
         self.head = head
         self.total_steps: int | None = config.total_steps
         self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=config.lr)
-        # The noise of mode "noise" comes from this CPU generator (its state is checkpointed), whatever the device of
-        # the policy states: each draw seeds a generator on their device from it (`_noise_generator`).
-        self._noise = torch.Generator()
-        self._noise.manual_seed(config.seed if config.seed is not None else torch.Generator().seed())
+        # Mode "noise": each sample's noise is drawn from a generator seeded by this seed and the sample's RTE, so a
+        # sample sees the same noise at annotation and in the update, on any device (`_matched_noise`).
+        self.noise_seed = config.seed if config.seed is not None else torch.Generator().seed() % 2**62
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> R2MModule:
         """What ``.to``/``.cuda``/``.half``/... run. The wrapped model gets ``fn``; so do fusion, head and the
@@ -120,7 +122,7 @@ class R2MModule(nn.Module):
 
     def update(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, rewards: Tensor, group_size: int,
                step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None,
-               context: PolicyContext | None = None) -> dict[str, float]:
+               context: PolicyContext | None = None, labels: Tensor | None = None) -> dict[str, float]:
         """One GREBT update of fusion and head (paper Sec. 4.2) on groups of ``group_size`` consecutive samples.
 
         ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
@@ -129,6 +131,11 @@ class R2MModule(nn.Module):
         Groups with a non-finite reward, RTE or hidden state are skipped and counted (``groups_skipped``); groups
         whose fused rewards are tied for the GRE term (`r2m.losses.degenerate_groups`) are counted in
         ``groups_degenerate`` (of the last of ``update_steps``).
+
+        ``labels`` (modes ``anchored`` and ``head_only``): a labeller's score per sample [B], NaN where unlabelled.
+        A group whose samples all have a label gets a labelled pair (its highest- and lowest-labelled sample), and
+        ``anchor_weight`` x the mean Bradley-Terry loss of the fused rewards over those pairs joins GREBT
+        (``groups_labelled``, ``anchor_bt``).
         """
         start = time.perf_counter()
         device = self.head.weight.device
@@ -150,6 +157,8 @@ class R2MModule(nn.Module):
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
         winner, loser, has_pair = select_pairs(annotation[group_ok])
+        label_w, label_l, labelled = self._labelled_pairs(labels, rewards.shape[0], group_ok, group_size, world)
+        stats["anchor_bt"] = 0.0
         used, degenerate = int(group_ok.sum()), 0
         for inner in range(self.config.update_steps if used else 0):
             if inner:
@@ -157,6 +166,11 @@ class R2MModule(nn.Module):
             gathered = _all_gather(fused.detach(), world).requires_grad_(True)
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
+            if bool(labelled.any()):
+                anchor = bt_loss(group_rewards.gather(1, label_w[:, None]),
+                                 group_rewards.gather(1, label_l[:, None]))[labelled].mean()
+                loss = loss + self.config.anchor_weight * anchor
+                stats["anchor_bt"] = float(anchor)
             loss.backward()
             self.optimizer.zero_grad(set_to_none=False)
             fused.backward(gathered.grad.view(world, -1)[rank])
@@ -167,7 +181,26 @@ class R2MModule(nn.Module):
                              bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
                 degenerate = int(degenerate_groups(group_rewards).sum())
         return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
-                "groups_degenerate": float(degenerate), "update_ms": 1000.0 * (time.perf_counter() - start)}
+                "groups_degenerate": float(degenerate), "groups_labelled": float(labelled.sum()),
+                "update_ms": 1000.0 * (time.perf_counter() - start)}
+
+    def _labelled_pairs(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
+                        world: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(winner, loser, has a labelled pair) per usable group, from the labeller's scores (gathered)."""
+        device = group_ok.device
+        used = int(group_ok.sum())
+        if labels is None:
+            none = torch.zeros(used, dtype=torch.long, device=device)
+            return none, none, torch.zeros(used, dtype=torch.bool, device=device)
+        if self.config.mode not in LABELLED_MODES:
+            raise ValueError(f"labels are used in modes {LABELLED_MODES} (R2MConfig.mode), not {self.config.mode!r}")
+        labels = torch.as_tensor(labels, dtype=torch.float32)
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape [batch={batch}] (a score per sample, NaN where unlabelled), "
+                             f"got {tuple(labels.shape)}")
+        scores = _all_gather(labels.to(device), world).view(-1, group_size)[group_ok]
+        winner, loser, has_pair = select_pairs(scores)
+        return winner, loser, has_pair
 
     def _step(self, world: int) -> None:
         params = self.trainable_parameters()
@@ -197,17 +230,17 @@ class R2MModule(nn.Module):
             elif self.config.uses_fusion:
                 if hidden is None:
                     raise ValueError(f"hidden (the policy's hidden states) is required in mode {self.config.mode!r}")
-                hidden, mask, cu_seqlens, hidden_ok = self._clean_hidden(hidden, mask, cu_seqlens, rte.shape[0])
+                hidden, mask, cu_seqlens, hidden_ok = self._clean_hidden(hidden, mask, cu_seqlens, rte)
                 feature, usable = self.fusion(rte, hidden, mask, cu_seqlens), usable & hidden_ok
             else:
                 feature = rte
             return w * base + (1.0 - w) * self.head(feature).squeeze(-1), usable & torch.isfinite(base)
 
     def _clean_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
-                      batch: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+                      rte: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """Validates the policy states, zeroes non-finite ones, swaps in noise in ``noise`` mode; returns
         per-sample finiteness."""
-        hidden, mask, cu_seqlens = self.fusion.check_hidden(hidden, mask, cu_seqlens, batch)
+        hidden, mask, cu_seqlens = self.fusion.check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
         token_ok = torch.isfinite(hidden).all(dim=-1)
         if mask is not None:
             sample_ok = (token_ok | ~mask).all(dim=1)
@@ -218,16 +251,20 @@ class R2MModule(nn.Module):
         if not bool(token_ok.all()):
             hidden = torch.where(token_ok[..., None], hidden, hidden.new_zeros(()))
         if self.config.mode == "noise":
-            hidden = self._matched_noise(hidden, mask, cu_seqlens)
+            hidden = self._matched_noise(hidden, mask, cu_seqlens, rte)
         return hidden, mask, cu_seqlens, sample_ok
 
-    def _matched_noise(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor:
-        """Gaussian noise with each sample's mean and variance over its valid policy states (R2M w/ Noise)."""
+    def _matched_noise(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, rte: Tensor) -> Tensor:
+        """Gaussian noise with each sample's mean and variance over its valid policy states (R2M w/ Noise); a
+        sample's standard-normal draw depends only on ``noise_seed`` and its RTE, so annotation and update agree."""
         if mask is not None:
             weights = mask[..., None].float()
             count = (weights.sum(dim=(1, 2)) * hidden.shape[-1]).clamp_min(1)[:, None, None]
             mean = (hidden.float() * weights).sum(dim=(1, 2), keepdim=True) / count
             var = ((hidden.float() - mean).square() * weights).sum(dim=(1, 2), keepdim=True) / count
+            noise = hidden.new_zeros(hidden.shape, dtype=torch.float32)
+            for i, length in enumerate(mask.sum(dim=1).tolist()):  # the draw of `cu_seqlens` input, then padding
+                noise[i][mask[i]] = self._sample_noise(rte[i], (length, hidden.shape[-1]), hidden.device)
         else:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(hidden.device)
             segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
@@ -236,14 +273,15 @@ class R2MModule(nn.Module):
             centred = (hidden.float() - mean[segment, None]).square().sum(-1)
             var = torch.zeros_like(count).index_add_(0, segment, centred) / count
             mean, var = mean[segment, None], var[segment, None]
-        noise = torch.randn(hidden.shape, generator=self._noise_generator(hidden.device), device=hidden.device)
+            noise = torch.cat([self._sample_noise(rte[i], (int(n), hidden.shape[-1]), hidden.device)
+                               for i, n in enumerate(lengths.tolist())])
         return (mean + var.sqrt() * noise).to(hidden.dtype)
 
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        """A generator on ``device`` for one noise draw, seeded from the checkpointed CPU generator (which advances):
-        deterministic on any device, and the same on resume."""
-        seed = int(torch.randint(0, 2**63 - 1, (), generator=self._noise))
-        return torch.Generator(device=device).manual_seed(seed)
+    def _sample_noise(self, rte: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        digest = hashlib.blake2b(rte.detach().float().cpu().numpy().tobytes(), digest_size=8,
+                                 key=self.noise_seed.to_bytes(8, "little")).digest()
+        generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") % 2**63)
+        return torch.randn(shape, generator=generator, device=device)
 
     def _check_rte(self, rte: Tensor) -> Tensor:
         if not isinstance(rte, Tensor) or rte.dim() != 2 or rte.shape[1] != self.rm_dim:
@@ -263,12 +301,11 @@ class R2MModule(nn.Module):
         optim = self.optimizer.state_dict()
         tensors = {f"state.{index}.{key}": torch.as_tensor(value).cpu()
                    for index, state in optim["state"].items() for key, value in state.items()}
-        tensors["noise_generator"] = self._noise.get_state()
         save_file(tensors, str(directory / OPTIMIZER_NAME))
         meta = {"kind": type(self).__name__, "config": self.config.to_dict(), "rm_dim": self.rm_dim,
                 "policy_dim": self.policy_dim, "attn_dim": self.fusion.attn_dim,
                 "head_bias": self.head.bias is not None, "total_steps": self.total_steps,
-                "param_groups": optim["param_groups"]}
+                "noise_seed": self.noise_seed, "param_groups": optim["param_groups"]}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -326,10 +363,11 @@ class R2MModule(nn.Module):
         self.fusion.load_state_dict({k[7:]: v.to(device) for k, v in weights.items() if k.startswith("fusion.")})
         self.head.load_state_dict({k[5:]: v.to(device) for k, v in weights.items() if k.startswith("head.")})
         self.total_steps = meta.get("total_steps", self.total_steps)
+        self.noise_seed = meta.get("noise_seed", self.noise_seed)
         optimizer_file = directory / OPTIMIZER_NAME
         if optimizer_file.exists():
             tensors = load_file(str(optimizer_file))
-            self._noise.set_state(tensors.pop("noise_generator"))
+            tensors.pop("noise_generator", None)  # written by earlier versions, whose noise was drawn per call
             state: dict[int, dict[str, Tensor]] = {}
             for key, value in tensors.items():
                 _, index, name = key.split(".", 2)

@@ -10,8 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre")
+MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre", "anchored")
 IMPLS = ("auto", "naive", "torch", "triton")
+FUSION_INITS = ("zero", "random")
+# Modes whose update takes preference labels on the policy's own samples: the anchored method, and its control (the
+# RM's head trained on the same labels with no policy feedback).
+LABELLED_MODES = ("anchored", "head_only")
 
 
 @dataclass
@@ -21,7 +25,10 @@ class R2MConfig:
     Modes (SPEC 2.7): ``r2m`` full method; ``vanilla`` frozen RM, no fusion; ``frozen`` fusion used for scoring,
     never updated; ``noise`` policy feedback replaced by Gaussian noise of the same mean and variance;
     ``head_only`` GREBT on the RM's own reward-token embedding, only the head is updated; ``no_bt`` alpha = 1;
-    ``no_gre`` alpha = 0.
+    ``no_gre`` alpha = 0. Beyond the paper: ``anchored`` adds to GREBT a Bradley-Terry term, weighted by
+    ``anchor_weight``, on preference labels of the policy's own samples (a labeller's: a stronger judge, a gold
+    function, people), so the update learns from real preferences and not only from the rewards the policy was
+    trained on; ``head_only`` given the same labels is its control.
     """
 
     omega_min: float = field(default=0.6, metadata={
@@ -50,6 +57,13 @@ class R2MConfig:
     impl: str = field(default="auto", metadata={
         "help": "Attention implementation: naive (projects keys and values), torch (absorbed, any device), "
                 "triton (fused kernel) or auto (triton on CUDA, torch otherwise).", "choices": IMPLS})
+    anchor_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the Bradley-Terry term on labelled pairs of the policy's own samples, added to GREBT in "
+                "modes anchored and head_only when labels are given."})
+    fusion_init: str = field(default="zero", metadata={
+        "help": "Initial attention output projection: zero (an untrained R2M scores exactly like the RM) or random "
+                "(default nn.Linear init, as the paper's untrained R2M, which differs from its RM).",
+        "choices": FUSION_INITS})
 
     def __post_init__(self) -> None:
         _check_unit_interval("omega_min", self.omega_min)
@@ -77,6 +91,11 @@ class R2MConfig:
             raise ValueError(f"R2MConfig.hidden_offload must be a bool, got {self.hidden_offload!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"R2MConfig.seed must be None or an int, got {self.seed!r}")
+        if isinstance(self.anchor_weight, bool) or not isinstance(self.anchor_weight, (int, float)) or \
+                not math.isfinite(self.anchor_weight) or self.anchor_weight < 0:
+            raise ValueError(f"R2MConfig.anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
+        if self.fusion_init not in FUSION_INITS:
+            raise ValueError(f"R2MConfig.fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
 
     @property
     def effective_alpha(self) -> float:

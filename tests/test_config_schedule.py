@@ -82,8 +82,8 @@ def test_omega_bad_input(args, message):
 
 def test_fields_keep_their_order_and_positional_use():
     names = [f.name for f in dataclasses.fields(r2m.R2MConfig)]
-    assert names == ["omega_min", "alpha", "lr", "attn_dim", "num_heads", "total_steps", "mode", "update_steps",
-                     "max_grad_norm", "hidden_offload", "seed", "impl"]
+    assert names[:12] == ["omega_min", "alpha", "lr", "attn_dim", "num_heads", "total_steps", "mode", "update_steps",
+                          "max_grad_norm", "hidden_offload", "seed", "impl"]  # new fields only ever go after these
     assert r2m.R2MConfig(0.7, 0.2, 1e-5, 64, 2, 10, "frozen") == r2m.R2MConfig(
         omega_min=0.7, alpha=0.2, lr=1e-5, attn_dim=64, num_heads=2, total_steps=10, mode="frozen")
 
@@ -111,3 +111,14 @@ def test_a_field_without_help_or_default_is_refused():
         config_flags(NoHelp)
     with pytest.raises(TypeError, match="NoDefault.extra has no default"):
         config_flags(NoDefault)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("anchor_weight", -1.0, "anchor_weight must be a finite number >= 0"),
+    ("anchor_weight", float("nan"), "anchor_weight must be a finite number >= 0"),
+    ("fusion_init", "ones", "fusion_init must be one of"),
+    ("mode", "anchor", "mode must be one of"),
+])
+def test_anchored_fields_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        r2m.R2MConfig(**{field: value})

@@ -365,7 +365,7 @@ def test_unseeded_wrap_leaves_the_global_rng_alone(reward_model):
         draws.append(torch.rand(16))
         assert torch.initial_seed() == 0
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
-    assert make(reward_model, seed=None)._noise.initial_seed() != make(reward_model, seed=None)._noise.initial_seed()
+    assert make(reward_model, seed=None).noise_seed != make(reward_model, seed=None).noise_seed
 
 
 @pytest.mark.parametrize("cast, dtype", [
@@ -400,18 +400,26 @@ def noise_rewards(model, calls=3, seed=43):
     return [model.reward_from_rte(rte, hidden, mask, step=2) for _ in range(calls)]
 
 
-def test_noise_is_deterministic_and_resumes(reward_model, tmp_path):
+def test_noise_is_fixed_per_sample_and_resumes(reward_model, tmp_path):
     models = []
-    for _ in range(2):
+    for seed in (5, 5, 6):
         torch.manual_seed(0)
-        models.append(make(copy.deepcopy(reward_model), mode="noise", seed=5))
+        models.append(make(copy.deepcopy(reward_model), mode="noise", seed=seed))
         torch.nn.init.normal_(models[-1].fusion.o_proj.weight, std=0.5)
-    first, second = noise_rewards(models[0]), noise_rewards(models[1])
+    first, second, other = noise_rewards(models[0]), noise_rewards(models[1]), noise_rewards(models[2])
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.allclose(first[0], first[1])  # every call draws fresh noise
+    torch.testing.assert_close(first[0], first[1], rtol=0, atol=0)  # a sample sees the same noise at every call
+    assert not torch.allclose(first[0], other[0])  # another seed, other noise
+    rte, hidden, mask, _ = batch(seed=43)
+    packed, cu_seqlens = r2m.fusion.pack(hidden, mask)
+    torch.testing.assert_close(models[0].reward_from_rte(rte, packed, None, 2, cu_seqlens=cu_seqlens), first[0])
+    shuffled = torch.randperm(rte.shape[0])  # keyed by the sample, not by its place in the batch
+    torch.testing.assert_close(models[0].reward_from_rte(rte[shuffled], hidden[shuffled], mask[shuffled], 2),
+                               first[0][shuffled])
     models[0].save_pretrained(tmp_path)
-    loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path)
+    loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path, config=r2m.R2MConfig(
+        **{**models[0].config.to_dict(), "seed": None}))
     for a, b in zip(noise_rewards(models[0]), noise_rewards(loaded), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -419,18 +427,16 @@ def test_noise_is_deterministic_and_resumes(reward_model, tmp_path):
 def test_noise_draws_on_the_device_of_the_states(reward_model, monkeypatch):
     model = make(reward_model, mode="noise", seed=5).to(torch.bfloat16)
     devices = []
-    draw = model._noise_generator
+    draw = model._sample_noise
 
-    def spy(device):
-        generator = draw(device)
-        devices.append((device, generator.device))
-        return generator
+    def spy(rte, shape, device):
+        devices.append(device)
+        return draw(rte, shape, device)
 
-    monkeypatch.setattr(model, "_noise_generator", spy)
+    monkeypatch.setattr(model, "_sample_noise", spy)
     rte, hidden, mask, _ = batch(seed=47)
     assert torch.isfinite(model.reward_from_rte(rte, hidden, mask, step=2)).all()
-    assert devices == [(hidden.device, hidden.device)]
-    assert model._noise.device.type == "cpu"  # the checkpointed generator never moves
+    assert devices == [hidden.device] * rte.shape[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

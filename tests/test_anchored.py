@@ -1,0 +1,114 @@
+"""Mode ``anchored``: GREBT plus a weighted Bradley-Terry term on labelled pairs of the policy's own samples; and the
+random-init fusion option."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import r2m
+from r2m import losses, tiny
+
+POLICY_DIM, GROUP = 24, 4
+
+
+@pytest.fixture
+def reward_model():
+    torch.manual_seed(0)
+    return tiny.build_reward_model(tiny.build_tokenizer(), "llama", hidden_size=32)
+
+
+def make(reward_model, **overrides):
+    cfg = r2m.R2MConfig(**{"total_steps": 10, "lr": 1e-2, "attn_dim": 16, "num_heads": 2, "seed": 0,
+                           "mode": "anchored", "anchor_weight": 0.7, "max_grad_norm": None, **overrides})
+    model = r2m.wrap(reward_model, POLICY_DIM, cfg)
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.2)
+    return model
+
+
+def batch(seed):
+    generator = torch.Generator().manual_seed(seed)
+    rte = torch.randn(3 * GROUP, 32, generator=generator)
+    hidden = torch.randn(3 * GROUP, 6, POLICY_DIM, generator=generator)
+    mask = torch.arange(6)[None, :] < torch.randint(1, 7, (3 * GROUP,), generator=generator)[:, None]
+    rewards = torch.randn(3 * GROUP, generator=generator)
+    labels = torch.randn(3 * GROUP, generator=generator)
+    labels[GROUP:2 * GROUP] = math.nan  # group 1 unlabelled
+    labels[2 * GROUP] = math.nan  # group 2 partly labelled: no labelled pair either
+    labels[:GROUP] = torch.tensor([0.1, 2.0, -1.0, 0.5])  # group 0: winner 1, loser 2
+    return rte, hidden, mask, rewards, labels
+
+
+def test_anchored_loss_and_gradients_match_a_float64_reference(reward_model):
+    model = make(reward_model)
+    rte, hidden, mask, rewards, labels = batch(seed=3)
+    reference = copy.deepcopy(model)
+    reference.fusion.double(), reference.head.double()
+    reference.fusion.impl = "naive"
+    step = 4
+    w = r2m.omega(step, 10, 0.6)
+    h64 = torch.where(mask[..., None], hidden.double(), 0.0)
+    fused = w * rte.double() + (1 - w) * reference.fusion(rte.double(), h64, mask)
+    scores = reference.head(fused).squeeze(-1).view(3, GROUP)
+    winner, loser, valid = losses.select_pairs(rewards.double().view(3, GROUP))
+    grebt = losses.grebt_loss(scores, winner, loser, 0.3, valid)
+    anchor = losses.bt_loss(scores[0, 1], scores[0, 2])  # the only labelled pair: labels 2.0 over -1.0
+    (grebt + 0.7 * anchor).backward()
+
+    fusion_before = {k: v.clone() for k, v in model.fusion.state_dict().items()}
+    body_before = {k: v.clone() for k, v in model.reward_model.state_dict().items()}
+    stats = model.update(rte, hidden, mask, rewards, GROUP, step, labels=labels)
+    assert stats["groups_labelled"] == 1.0 and stats["groups_used"] == 3.0
+    assert stats["anchor_bt"] == pytest.approx(anchor.item(), rel=1e-5)
+    assert stats["loss"] == pytest.approx((grebt + 0.7 * anchor).item(), rel=1e-5)
+    trained = {id(p) for p in model.trainable_parameters()}
+    for (name, param), (_, ref) in zip(model.named_parameters(), reference.named_parameters(), strict=False):
+        if id(param) in trained:
+            torch.testing.assert_close(param.grad.double(), ref.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert any(not torch.equal(v, fusion_before[k]) for k, v in model.fusion.state_dict().items())
+    for key, value in model.reward_model.state_dict().items():  # only fusion and head train
+        assert torch.equal(value, body_before[key]), key
+
+
+def test_without_labels_anchored_is_the_full_method(reward_model):
+    rte, hidden, mask, rewards, _ = batch(seed=5)
+    stats = {}
+    for mode in ("anchored", "r2m"):
+        torch.manual_seed(0)
+        model = make(copy.deepcopy(reward_model), mode=mode)
+        stats[mode] = model.update(rte, hidden, mask, rewards, GROUP, 2)
+        stats[mode + "_weights"] = [p.detach().clone() for p in model.trainable_parameters()]
+    assert stats["anchored"]["groups_labelled"] == 0 and stats["anchored"]["anchor_bt"] == 0
+    for a, b in zip(stats["anchored_weights"], stats["r2m_weights"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_head_only_with_labels_is_the_control_and_trains_only_the_head(reward_model):
+    model = make(reward_model, mode="head_only")
+    rte, _, _, rewards, labels = batch(seed=7)
+    fusion_before = {k: v.clone() for k, v in model.fusion.state_dict().items()}
+    stats = model.update(rte, None, None, rewards, GROUP, 2, labels=labels)
+    assert stats["groups_labelled"] == 1.0 and stats["anchor_bt"] > 0
+    assert all(torch.equal(v, fusion_before[k]) for k, v in model.fusion.state_dict().items())
+
+
+def test_labels_are_refused_where_the_mode_does_not_use_them_and_checked(reward_model):
+    rte, hidden, mask, rewards, labels = batch(seed=9)
+    with pytest.raises(ValueError, match=r"labels are used in modes \('anchored', 'head_only'\)"):
+        make(copy.deepcopy(reward_model), mode="r2m").update(rte, hidden, mask, rewards, GROUP, 2, labels=labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \[batch=12\]"):
+        make(copy.deepcopy(reward_model)).update(rte, hidden, mask, rewards, GROUP, 2, labels=labels[:5])
+
+
+def test_random_fusion_init_makes_the_untrained_r2m_differ_from_its_rm(reward_model):
+    rte, hidden, mask, _, _ = batch(seed=11)
+    zero = r2m.wrap(copy.deepcopy(reward_model), POLICY_DIM, r2m.R2MConfig(total_steps=10, attn_dim=16, seed=0))
+    random = r2m.wrap(copy.deepcopy(reward_model), POLICY_DIM,
+                      r2m.R2MConfig(total_steps=10, attn_dim=16, seed=0, fusion_init="random"))
+    assert torch.count_nonzero(zero.fusion.o_proj.weight) == 0 and torch.count_nonzero(random.fusion.o_proj.weight) > 0
+    vanilla = zero.vanilla_reward_from_rte(rte)
+    w = r2m.omega(8, 10, 0.6)
+    offset = (1 - w) * zero.head(torch.zeros(32)).detach()  # head(Ĥ = 0): its bias, if it has one
+    torch.testing.assert_close(zero.reward_from_rte(rte, hidden, mask, 8), w * vanilla + offset)
+    assert not torch.allclose(random.reward_from_rte(rte, hidden, mask, 8), zero.reward_from_rte(rte, hidden, mask, 8))
