@@ -32,8 +32,9 @@ from r2m.adapters import GenerativeJudge
 from r2m.base import R2MModule
 from r2m.buffer import Rollout, RolloutStore
 from r2m.capture import CapturedStates
-from r2m.config import R2MConfig
+from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
+from r2m.integrations.trl.labels import Labeller, OnPolicyLabels
 from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
 from r2m.judge_model import R2MJudgeModel
 from r2m.monitor import group_state_similarity, pooled_response_states
@@ -42,7 +43,8 @@ from r2m.wrap import wrap
 
 logger = logging.getLogger(__name__)
 
-UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "update_ms")
+UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "groups_labelled", "anchor_bt",
+                  "update_ms")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _Scored:
     rewards: Tensor
     base_rewards: Tensor | None
     step: int
+    labels: Tensor | None
 
 
 class R2MReward(TrainerCallback):
@@ -85,13 +88,19 @@ class R2MReward(TrainerCallback):
     ``r2m/state_similarity``, an over-optimisation monitor: the mean cosine similarity of the policy's (mean-pooled)
     states of the responses within a group, averaged over groups (`r2m.monitor`).
 
+    ``labeller`` (modes ``anchored`` and ``head_only``): labels the first ``label_groups`` groups of every
+    generation batch (all when None; see `OnPolicyLabels`), and the update adds a Bradley-Terry term on them
+    (``R2MConfig.anchor_weight``); logged as ``r2m/labelled_share``, ``r2m/label_ms``, ``r2m/groups_labelled`` and
+    ``r2m/anchor_bt``.
+
     After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
     ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
     """
 
     def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
                  reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
-                 name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None):
+                 name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None,
+                 labeller: Labeller | None = None, label_groups: int | None = None):
         self.judge: GenerativeJudge | None = None
         self.r2m: R2MModule | None = None
         if isinstance(reward_model, GenerativeJudge):
@@ -121,6 +130,13 @@ class R2MReward(TrainerCallback):
         if config is not None and not isinstance(config, R2MConfig):
             raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
         self.config = config or R2MConfig()
+        if self.config.mode == "anchored" and labeller is None:
+            raise ValueError("mode 'anchored' learns from labels on the policy's own samples: pass labeller= (a gold "
+                             "function, an r2m.adapters judge or a lookup of human labels)")
+        if labeller is not None and self.config.mode not in LABELLED_MODES:
+            raise ValueError(f"labeller is used in modes {LABELLED_MODES} (head_only: the control that gives the RM "
+                             f"alone the same labels), not in mode {self.config.mode!r}")
+        self.labels = None if labeller is None else OnPolicyLabels(labeller, label_groups)
         self.reward_model = model
         self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
@@ -162,11 +178,15 @@ class R2MReward(TrainerCallback):
         rewards, vanilla = torch.stack([rewards, vanilla.to(rewards.device)]).cpu()  # one transfer to the host
         finite = torch.isfinite(rewards)
         training = self._policy.training
+        labels = None
+        if training and self.labels is not None:
+            labels = self.labels(prompts, completions, completion_ids, self._group_size,
+                                 getattr(getattr(trainer, "accelerator", None), "process_index", 0), dataset_columns)
         if training:
             self._log_metric = log_metric
             held = states if states is not None else CapturedStates.none_found(len(rewards))
             self._store.add(held, held.tokens, self._micro_steps + self._generate_every,
-                            _Scored(rte, torch.where(finite, rewards, torch.nan), base_rewards, step))
+                            _Scored(rte, torch.where(finite, rewards, torch.nan), base_rewards, step, labels))
         if log_metric is not None:
             metrics = {"r2m/reward_mean": _mean(rewards[finite]),
                        "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
@@ -174,6 +194,9 @@ class R2MReward(TrainerCallback):
                        "r2m/capture_ms": capture_ms,
                        "r2m/reward_nonfinite": float((~finite).sum()),
                        "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
+            if labels is not None:
+                metrics["r2m/labelled_share"] = float(torch.isfinite(labels).float().mean())
+                metrics["r2m/label_ms"], self.labels.seconds = 1000 * self.labels.seconds, 0.0
             similarity = self._state_similarity(states, completion_ids, trainer)
             if similarity is not None:
                 metrics["r2m/state_similarity"] = similarity
@@ -351,7 +374,7 @@ class R2MReward(TrainerCallback):
         scored: _Scored = rollout.payload
         hidden, cu_seqlens = _packed(rollout.states if self.config.uses_fusion else None)
         stats = self.r2m.update(scored.rte, hidden, None, scored.rewards, self._group_size, scored.step,
-                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards)
+                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards, labels=scored.labels)
         stats["refreshed"] = rollout.refreshed_share
         self.update_stats.append(stats)
         self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats})
