@@ -298,7 +298,9 @@ class HiddenStateCapture:
         ``calls``: run exactly this many forwards (at least as many as the chunks need), the surplus on a one-token
         sequence whose states are dropped: a sharded model's forward is a collective, so every rank must run the
         same number. ``model``: what to call (default: the model given at construction), e.g. the trainer's
-        prepared model when it wraps the one the hook sits in.
+        prepared model when it wraps the one the hook sits in. Under DeepSpeed ZeRO-3 only the transformer body runs
+        (its parameters are gathered by ZeRO's hooks on each module): a no-grad call of the LM head module would
+        re-partition the head weight that TRL's fused LM-head loss reads directly in the next training pass.
         """
         if any(len(s) == 0 for s in sequences) or not (sequences or calls):
             raise ValueError("forward needs at least one sequence (or calls) and no empty sequence")
@@ -308,6 +310,8 @@ class HiddenStateCapture:
             raise ValueError(f"forward: calls={calls} is fewer than the {len(chunks)} chunks the sequences need")
         model = self.model if model is None else model
         device = next(self.module.parameters()).device
+        if _zero3_partitioned(self.module):
+            model = self.module
         accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
         pad = 0 if self.pad_token_id is None else self.pad_token_id
         keep, self.keep_forwards = self.keep_forwards, True
@@ -386,6 +390,11 @@ def _is_adapter_layer(module: nn.Module) -> bool:
     """A PEFT tuner layer (duck-typed: PEFT stays optional): adapter state exposed as properties."""
     return all(isinstance(getattr(type(module), name, None), property)
                for name in ("disable_adapters", "active_adapters"))
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the module's parameters (it tags each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.integrations import deepspeed as hf_deepspeed
 from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
@@ -118,7 +119,7 @@ class R2MReward(TrainerCallback):
             model = reward_model.reward_model
             config = reward_model.config
         elif isinstance(reward_model, (str, os.PathLike)):
-            model = AutoModelForSequenceClassification.from_pretrained(reward_model, **(model_init_kwargs or {}))
+            model = _load_whole(reward_model, model_init_kwargs or {})
         elif isinstance(reward_model, nn.Module):
             model = reward_model
         else:
@@ -127,6 +128,10 @@ class R2MReward(TrainerCallback):
         if self.judge is None:
             find_score_head(model)
         find_body(model)
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError("the reward model's parameters are partitioned by DeepSpeed ZeRO-3 (it was built under "
+                             "deepspeed.zero.Init, e.g. loaded after a ZeRO-3 GRPOConfig/RLOOConfig was created); R2M "
+                             "needs it whole: build it before the trainer arguments, or pass its path to R2MReward")
         if config is not None and not isinstance(config, R2MConfig):
             raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
         self.config = config or R2MConfig()
@@ -388,6 +393,19 @@ class R2MReward(TrainerCallback):
                 store["train"][key].append(value)
             elif self._log_metric is not None:
                 self._queued_metrics[key].append(value)
+
+
+def _load_whole(path: str | os.PathLike, init_kwargs: dict[str, Any]) -> nn.Module:
+    """The reward model at ``path``, loaded whole even while a ZeRO-3 trainer config is live (transformers would
+    partition it under ``deepspeed.zero.Init``; R2M keeps the frozen RM unsharded beside the policy)."""
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = live() if live is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, **init_kwargs)
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _judge_model(judge: GenerativeJudge) -> nn.Module:
