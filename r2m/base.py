@@ -170,7 +170,7 @@ class R2MModule(nn.Module):
                 anchor = bt_loss(group_rewards.gather(1, label_w[:, None]),
                                  group_rewards.gather(1, label_l[:, None]))[labelled].mean()
                 loss = loss + self.config.anchor_weight * anchor
-                stats["anchor_bt"] = float(anchor)
+                stats["anchor_bt"] = float(anchor.detach())
             loss.backward()
             self.optimizer.zero_grad(set_to_none=False)
             fused.backward(gathered.grad.view(world, -1)[rank])
