@@ -1,14 +1,15 @@
-"""`r2m bench accuracy`: reward-model accuracy before and after R2M training, in the lab world (paper Table 3).
+"""`r2m bench accuracy`: reward-model accuracy in the lab world, off-policy (paper Table 3) and on-policy.
 
-On held-out gold-labelled pairs (in-distribution, i.e. with the proxy's spurious bias, and unbiased), compares
-the proxy reward model, R2M before training (the initial policy's feedback) and R2M after a lab GRPO run (the
-final policy's feedback, w at t = T).
+Off-policy: on held-out gold-labelled pairs (in-distribution, i.e. with the proxy's spurious bias, and unbiased),
+the proxy reward model, R2M before training (the initial policy's feedback) and R2M after a lab GRPO run (the final
+policy's feedback, w at t = T). On-policy: over the same run, how the trained reward (the one the policy is
+trained on) and the proxy rank the policy's own samples by gold (the share of within-group pairs of different gold
+that they order as gold does). Means over seeds with 95% t-intervals.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -17,17 +18,24 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import r2m
-from r2m.benchmarks.lab import run_once
+from r2m.benchmarks.lab import (
+    Variant,
+    add_run_options,
+    format_interval,
+    mean_interval,
+    paired_difference,
+    run_once,
+    world_and_run,
+)
 from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
-from r2m.capture import find_backbone
-from r2m.config import R2MConfig
-from r2m.integrations.trl.lab_grpo import LabRunConfig
-from r2m.lab import LabConfig, LabWorld
+from r2m.lab import LabWorld
 
 Pairs = list[tuple[str, str, str]]
-QUICK = {"seeds": 1, "steps": 120, "pairs": 200}
-DEFAULTS = {"seeds": 3, "steps": 300, "pairs": 600}
+QUICK = {"seeds": 1, "steps": 150, "pairs": 200}
+DEFAULTS = {"seeds": 5, "steps": 300, "pairs": 600}
+OFF_POLICY = ("proxy_rm", "r2m_before", "r2m_after")
+ON_POLICY = ("onpolicy_acc_proxy", "onpolicy_acc_trained")
 
 
 @torch.no_grad()
@@ -35,7 +43,7 @@ def policy_states(policy: torch.nn.Module, world: LabWorld, prompts: list[str], 
     """The policy's last-layer states over prompt + response, on the S - 1 positions R2M is trained with."""
     enc = world.tokenizer([f"{p} {r}" for p, r in zip(prompts, responses, strict=True)], return_tensors="pt",
                           padding=True)
-    hidden = find_backbone(policy)(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    hidden = policy.base_model(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     mask = enc.attention_mask.bool()
     mask[torch.arange(mask.shape[0]), mask.sum(1) - 1] = False
     return hidden, mask
@@ -54,58 +62,89 @@ def r2m_accuracy(model: r2m.R2MRewardModel, policy: torch.nn.Module, world: LabW
     return float((scores[0] > scores[1]).float().mean())
 
 
+def on_policy_window(curves: dict[int, list[dict]], index: int) -> dict[str, dict]:
+    """Both on-policy accuracies at window ``index`` over seeds, and their paired difference (trained - proxy)."""
+    by_seed = {key: {seed: curve[index][key] for seed, curve in curves.items() if curve[index][key] is not None}
+               for key in ON_POLICY}
+    return {**{key: mean_interval(list(values.values())) for key, values in by_seed.items()},
+            "trained_minus_proxy": paired_difference(by_seed["onpolicy_acc_trained"], by_seed["onpolicy_acc_proxy"])}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r2m bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/accuracy")
     add_quick(p, QUICK)
+    p.add_argument("--variant", default="r2m", help="the R2M variant trained (as in `r2m bench lab --variants`)")
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
-    p.add_argument("--steps", type=int, help=f"GRPO steps of the lab run (default {DEFAULTS['steps']})")
     p.add_argument("--pairs", type=int, help=f"held-out pairs per test set (default {DEFAULTS['pairs']})")
-    p.add_argument("--r2m-lr", type=float, default=1e-3)
+    add_run_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     resolve_defaults(args, QUICK, DEFAULTS)
-    seeds, steps, count = args.seeds, args.steps, args.pairs
-    rows = []
+    try:
+        variant = Variant.parse(args.variant)
+    except ValueError as error:
+        raise SystemExit(f"r2m bench accuracy: --variant: {error}") from None
+    rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in tqdm(range(seeds), desc="accuracy seeds"):
-            lab = LabConfig(seed=seed)
-            world = LabWorld(lab)
+        for seed in tqdm(range(args.seeds), desc="accuracy seeds"):
+            world, run = world_and_run(args, seed)
             proxy = world.train_proxy()
-            tests = {"biased": world.preference_pairs(count, seed=70_000 + seed),
-                     "unbiased": world.preference_pairs(count, seed=80_000 + seed, bias=0.5)}
-            result = run_once("r2m", LabRunConfig(steps=steps, seed=seed, r2m_lr=args.r2m_lr), world, proxy, Path(tmp))
+            tests = {"biased": world.preference_pairs(args.pairs, seed=70_000 + seed),
+                     "unbiased": world.preference_pairs(args.pairs, seed=80_000 + seed, bias=0.5)}
+            result = run_once(variant, run, world, proxy, Path(args.cache_dir), Path(tmp))
             initial = AutoModelForCausalLM.from_pretrained(result.initial_policy).eval()
-            untrained = r2m.wrap(proxy, result.r2m.policy_dim, R2MConfig(total_steps=steps, seed=seed))
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)  # as R2MReward seeds its wrap: the same random fusion_init
+                untrained = r2m.wrap(proxy, result.r2m.policy_dim, variant.run_config(run).r2m_config(variant.mode))
             for name, pairs in tests.items():
                 rows.append({"seed": seed, "test_set": name, "proxy_rm": world.accuracy(proxy, pairs),
-                             "r2m_before": r2m_accuracy(untrained, initial, world, pairs, steps),
-                             "r2m_after": r2m_accuracy(result.r2m, result.policy, world, pairs, steps)})
-    summary = []
-    for name in ("biased", "unbiased"):
-        subset = [r for r in rows if r["test_set"] == name]
-        summary.append({"test_set": name, "seeds": len(subset),
-                        **{k: statistics.fmean(r[k] for r in subset) for k in ("proxy_rm", "r2m_before", "r2m_after")}})
-    table = markdown_table(summary, ["test_set", "seeds", "proxy_rm", "r2m_before", "r2m_after"])
-    out = write_results(args.out, "accuracy", {"args": vars(args), "summary": summary, "per_seed": rows}, table)
-    _plot(summary, out / "accuracy.png")
+                             "r2m_before": r2m_accuracy(untrained, initial, world, pairs, run.steps),
+                             "r2m_after": r2m_accuracy(result.r2m, result.policy, world, pairs, run.steps)})
+            curves[seed] = [{"step": r["step"], **{k: r[k] for k in ON_POLICY}} for r in result.record["curve"]]
+    off_policy = [{"test_set": name, "seeds": args.seeds,
+                   **{k: mean_interval([r[k] for r in rows if r["test_set"] == name]) for k in OFF_POLICY}}
+                  for name in ("biased", "unbiased")]
+    on_policy = [{"window": name, "step": curves[0][index]["step"], "seeds": args.seeds,
+                  **on_policy_window(curves, index)} for name, index in (("first", 0), ("last", -1))]
+    table = markdown_table([{**s, **{k: format_interval(s[k]) for k in OFF_POLICY}} for s in off_policy],
+                           ["test_set", "seeds", *OFF_POLICY])
+    table += (f"\nOn-policy: ranking of the {variant.label} run's own samples by gold (first and last window of "
+              "steps; trained_minus_proxy: paired per seed)\n\n"
+              + markdown_table([{**s, **{k: format_interval(s[k]) for k in (*ON_POLICY, "trained_minus_proxy")}}
+                                for s in on_policy], ["window", "step", "seeds", *ON_POLICY, "trained_minus_proxy"]))
+    out = write_results(args.out, "accuracy", {"args": vars(args), "summary": off_policy, "on_policy": on_policy,
+                                               "per_seed": rows, "on_policy_curves": curves}, table)
+    _plot(off_policy, curves, out / "accuracy.png")
     print(table)
     print(f"wrote {out / 'accuracy.json'}, {out / 'accuracy.md'}, {out / 'accuracy.png'}")
     return 0
 
 
-def _plot(summary: list[dict], path: Path) -> None:
-    fig, ax = subplots(figsize=(6, 3.5))
-    keys = ("proxy_rm", "r2m_before", "r2m_after")
-    for i, key in enumerate(keys):
-        ax.bar([j + (i - 1) * 0.27 for j in range(len(summary))], [s[key] for s in summary], width=0.27, label=key)
-    ax.set_xticks(range(len(summary)), [s["test_set"] for s in summary])
-    ax.set(ylabel="pairwise accuracy", ylim=(0, 1), title="Reward-model accuracy on held-out gold pairs")
-    ax.legend()
+def _plot(summary: list[dict], curves: dict[int, list[dict]], path: Path) -> None:
+    fig, (bars, over_time) = subplots(1, 2, figsize=(12, 4))
+    for i, key in enumerate(OFF_POLICY):
+        means = [s[key]["mean"] for s in summary]
+        errors = [0.0 if s[key]["low"] is None else s[key]["high"] - s[key]["mean"] for s in summary]
+        bars.bar([j + (i - 1) * 0.27 for j in range(len(summary))], means, yerr=errors, width=0.27, label=key)
+    bars.set_xticks(range(len(summary)), [s["test_set"] for s in summary])
+    bars.set(ylabel="pairwise accuracy", ylim=(0, 1), title="Off-policy: held-out gold pairs")
+    bars.legend()
+    steps = [r["step"] for r in next(iter(curves.values()))]
+    for key in ON_POLICY:
+        stats = [mean_interval([c[i][key] for c in curves.values() if c[i][key] is not None])
+                 for i in range(len(steps))]
+        over_time.plot(steps, [s["mean"] for s in stats], label=key)
+        if stats[0]["low"] is not None:
+            over_time.fill_between(steps, [s["low"] for s in stats], [s["high"] for s in stats], alpha=0.15)
+    over_time.axhline(0.5, color="grey", lw=0.8, ls=":")
+    over_time.set(xlabel="policy step", ylabel="within-group pairwise accuracy",
+                  title="On-policy: the policy's own samples ranked by gold")
+    over_time.legend()
     save_figure(fig, path)
 
 

@@ -6,6 +6,11 @@ proxy reward model is trained with Bradley-Terry on a small, biased set of gold-
 better response usually carries one spurious word and repeats are rare, so it learns that the spurious word and
 good words as such are good: a policy optimised against it can raise the proxy reward by repeating a good word
 or emitting the spurious word while the gold reward falls. Everything is built offline.
+
+The paper's premise (its Section 3) is a *pretrained* policy whose last-layer states carry preference information
+beyond the reward model's semantics: `LabWorld.pretrain` fine-tunes a policy on gold-good responses, and
+`premise_check` measures the premise on gold-labelled pairs (class similarity of the pooled states, a linear probe
+against the proxy reward model).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from r2m import tiny
@@ -45,6 +52,23 @@ class LabConfig:
         for name in ("response_words", "rm_pairs", "rm_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LabConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+@dataclass
+class PretrainConfig:
+    """Supervised fine-tuning that makes the lab's policy a pretrained one: each training response is the best, by
+    gold reward, of ``best_of`` data-distribution responses to its prompt (rejection-sampling SFT)."""
+
+    examples: int = 8192
+    best_of: int = 4
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "best_of", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 class LabWorld:
@@ -107,6 +131,64 @@ class LabWorld:
                 pairs.append((prompt, chosen, rejected))
         return pairs
 
+    def good_responses(self, prompts: list[str], best_of: int, seed: int) -> list[str]:
+        """Per prompt the best, by gold reward, of ``best_of`` data-distribution responses (none has the spurious
+        word)."""
+        rng = random.Random(seed)
+        return [max((self.sample_response(p, rng, spurious=False) for _ in range(best_of)),
+                    key=lambda r, p=p: self.gold_reward(p, r)) for p in prompts]
+
+    def spurious_share(self, responses: list[str]) -> float:
+        """Share of responses that contain the spurious word."""
+        return sum(self.config.spurious_word in r.split() for r in responses) / max(1, len(responses))
+
+    def encode_responses(self, prompts: list[str], responses: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Policy input prompt + response, right-padded: input_ids, attention_mask and response_mask (the
+        response's own token positions), each [B, S]."""
+        rows = [(self.tokenizer(p).input_ids, self.tokenizer(r).input_ids)
+                for p, r in zip(prompts, responses, strict=True)]
+        width = max(len(a) + len(b) for a, b in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
+        attention, response = (torch.zeros(len(rows), width, dtype=torch.bool) for _ in range(2))
+        for i, (prompt_ids, response_ids) in enumerate(rows):
+            ids[i, : len(prompt_ids) + len(response_ids)] = torch.tensor(prompt_ids + response_ids)
+            attention[i, : len(prompt_ids) + len(response_ids)] = True
+            response[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = True
+        return ids, attention, response
+
+    def pretrain(self, policy: PreTrainedModel, config: PretrainConfig, seed: int) -> list[float]:
+        """Fine-tune ``policy`` in place on gold-good responses (next-token loss on the response tokens only);
+        returns the mean loss per epoch."""
+        prompts = self.prompts(config.examples, seed=20_000 + seed)
+        ids, attention, response = self.encode_responses(prompts, self.good_responses(prompts, config.best_of, seed))
+        labels = ids.masked_fill(~response, -100)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+        generator = torch.Generator().manual_seed(seed)
+        losses = []
+        policy.train()
+        for _ in range(config.epochs):
+            total = 0.0
+            batches = torch.randperm(len(prompts), generator=generator).split(config.batch_size)
+            for batch in batches:
+                loss = policy(input_ids=ids[batch], attention_mask=attention[batch], labels=labels[batch]).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            losses.append(total / len(batches))
+        policy.eval()
+        return losses
+
+    @torch.no_grad()
+    def sample(self, policy: PreTrainedModel, prompts: list[str], temperature: float, seed: int) -> list[str]:
+        """One sampled response per prompt, as the RL trainer samples them (``response_words`` new tokens)."""
+        enc = self.tokenizer([f"{p} " for p in prompts], return_tensors="pt", padding=True, padding_side="left")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = policy.generate(**enc, do_sample=True, temperature=temperature,
+                                  max_new_tokens=self.config.response_words, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
     def reward_text(self, prompt: str, response: str) -> str:
         """What the reward model reads."""
         return f"{prompt} {response}".strip()
@@ -145,3 +227,90 @@ class LabWorld:
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+
+
+def ranking_agreement(scores: Tensor, gold: Tensor) -> float:
+    """How ``scores`` rank samples by gold: the share of within-group pairs of different gold reward that they
+    order as gold does, a tie counting half; scores and gold [G, K]. NaN when no such pair has finite scores."""
+    score_gap = scores[:, :, None] - scores[:, None, :]
+    valid = (gold[:, :, None] > gold[:, None, :]) & torch.isfinite(score_gap)
+    agree = (score_gap > 0).double() + 0.5 * (score_gap == 0).double()
+    return float(agree[valid].mean()) if bool(valid.any()) else float("nan")
+
+
+# ---- the premise check (paper Section 3) -------------------------------------------------------------------------
+
+@torch.no_grad()
+def policy_states(policy: PreTrainedModel, world: LabWorld, prompts: list[str], responses: list[str]) -> Tensor:
+    """The policy's last-layer states (after its final norm) mean-pooled over each response's tokens, [B, D]."""
+    ids, attention, response = world.encode_responses(prompts, responses)
+    hidden = policy.base_model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+    weights = response[..., None].float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def reward_token_states(reward_model: PreTrainedModel, world: LabWorld, prompts: list[str],
+                        responses: list[str]) -> Tensor:
+    """The reward model's last-layer state at the token its head reads (its semantics), [B, D_rm]."""
+    enc = world._encode([world.reward_text(p, r) for p, r in zip(prompts, responses, strict=True)])
+    hidden = reward_model.base_model(**enc).last_hidden_state.float()
+    return hidden[torch.arange(hidden.shape[0]), enc["attention_mask"].sum(1) - 1]
+
+
+def class_similarity(chosen: Tensor, rejected: Tensor, centre: bool = False) -> dict[str, float]:
+    """Mean cosine similarity within the preferred states, within the dispreferred ones (``same_class``: their
+    mean) and across the two sets (``cross_class``); ``centre`` first subtracts the mean of all states."""
+    states = torch.cat([chosen, rejected]).double()
+    if centre:
+        states = states - states.mean(0)
+    unit = F.normalize(states, dim=1)
+    a, b = unit[: len(chosen)], unit[len(chosen):]
+
+    def within(x: Tensor) -> float:
+        gram = x @ x.T
+        return float((gram.sum() - gram.diagonal().sum()) / (len(x) * (len(x) - 1)))
+
+    same = 0.5 * (within(a) + within(b))
+    return {"same_class": same, "cross_class": float((a @ b.T).mean()), "gap": same - float((a @ b.T).mean())}
+
+
+def probe_accuracy(chosen: Tensor, rejected: Tensor, train: Tensor, test: Tensor, l2: float = 1e-3) -> float:
+    """A linear probe on state differences: logistic regression (no intercept, features scaled on the train
+    split) fitted on ``train`` pairs in both orders; returns the share of ``test`` pairs it orders correctly."""
+    diff = (chosen - rejected).double()
+    scale = diff[train].std(0).clamp_min(1e-8)
+    x = diff[train] / scale
+    x, y = torch.cat([x, -x]), torch.cat([torch.ones(len(train)), torch.zeros(len(train))]).double()
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ weight, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((diff[test] / scale) @ weight > 0).double().mean())
+
+
+def premise_check(world: LabWorld, policy: PreTrainedModel, proxy: PreTrainedModel,
+                  pairs: list[tuple[str, str, str]], seed: int, train_share: float = 0.7) -> dict[str, float]:
+    """The paper's premise on gold-labelled ``pairs`` (prompt, preferred, dispreferred): class similarity of the
+    policy's pooled states (raw and centred), a linear probe on their differences, the same probe on the proxy RM's
+    reward-token states, and the proxy RM's own accuracy; accuracies on the same held-out ``1 - train_share``."""
+    prompts = [p for p, _, _ in pairs]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    cut = int(train_share * len(pairs))
+    train, test = order[:cut], order[cut:]
+    states = [policy_states(policy, world, prompts, [pair[i] for pair in pairs]) for i in (1, 2)]
+    semantics = [reward_token_states(proxy, world, prompts, [pair[i] for pair in pairs]) for i in (1, 2)]
+    scores = [world.score(proxy, prompts, [pair[i] for pair in pairs]) for i in (1, 2)]
+    raw, centred = class_similarity(*states), class_similarity(*states, centre=True)
+    return {"pairs": len(pairs), "test_pairs": len(test),
+            **{f"{k}_cos": v for k, v in raw.items()}, **{f"{k}_cos_centred": v for k, v in centred.items()},
+            "probe_policy_states": probe_accuracy(*states, train, test),
+            "probe_rm_states": probe_accuracy(*semantics, train, test),
+            "proxy_rm": float((scores[0][test] > scores[1][test]).double().mean())}

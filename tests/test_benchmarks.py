@@ -17,34 +17,67 @@ def outputs(path, name):
     return payload
 
 
+TINY_LAB = ["--steps", "3", "--groups", "2", "--generations", "4", "--rm-pairs", "64", "--sft-examples", "256",
+            "--sft-epochs", "1"]
+
+
 @pytest.mark.slow
 def test_lab(tmp_path):
-    assert lab.main(["--variants", "vanilla,r2m", "--seeds", "2", "--steps", "3", "--out", str(tmp_path)]) == 0
+    variants = "vanilla,r2m,frozen:fusion_init=random,anchored:label_groups=1"
+    assert lab.main(["--variants", variants, "--seeds", "2", "--premise-pairs", "60", "--out", str(tmp_path),
+                     "--cache-dir", str(tmp_path / "cache"), *TINY_LAB]) == 0
     payload = outputs(tmp_path, "lab")
     rows = {r["variant"]: r for r in payload["summary"]}
-    assert set(rows) == {"vanilla", "r2m"} and rows["r2m"]["seeds"] == 2
-    assert rows["r2m"]["gold_end_vs_vanilla"] == pytest.approx(rows["r2m"]["gold_end"] - rows["vanilla"]["gold_end"])
-    assert isinstance(rows["r2m"]["exceeds_spread"], bool)
-    curve = payload["runs"]["r2m"]["0"]["curve"]
-    assert curve[-1]["step"] == 3 and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
-    assert rows["r2m"]["extra_policy_forwards"] == 0
+    assert list(rows) == variants.split(",") and rows["r2m"]["seeds"] == 2
+    runs = payload["runs"]
+    for label in ("r2m", "frozen:fusion_init=random"):
+        paired = rows[label]["vs_vanilla"]["gold_end"]
+        diffs = [runs[label][s]["curve"][-1]["gold"] - runs["vanilla"][s]["curve"][-1]["gold"] for s in ("0", "1")]
+        assert paired["n"] == 2 and paired["mean"] == pytest.approx(sum(diffs) / 2)
+        assert isinstance(paired["excludes_zero"], bool)
+        assert rows[label]["gold_end"]["low"] <= rows[label]["gold_end"]["mean"] <= rows[label]["gold_end"]["high"]
+    curve = runs["r2m"]["0"]["curve"]
+    assert [r["step"] for r in curve] == [1, 2, 3] and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
+    assert all(r["kl"] is not None and r["update_head"] > 0 and 0 <= r["onpolicy_acc_proxy"] <= 1 for r in curve)
+    # o_proj starts at zero: the first scoring equals the proxy's, however the head moves later
+    assert curve[0]["trained"] == pytest.approx(curve[0]["proxy"], rel=1e-5)
+    assert rows["vanilla"]["update_head"]["mean"] == 0.0 and rows["r2m"]["extra_policy_forwards"] == 0
+    assert rows["frozen:fusion_init=random"]["update_head"]["mean"] == 0.0
+    # random fusion_init: R2M w/o Train scores unlike the proxy once w(t) < 1
+    frozen = runs["frozen:fusion_init=random"]["0"]["curve"]
+    assert frozen[-1]["trained"] != pytest.approx(frozen[-1]["proxy"], rel=1e-3)
+    anchored = runs["anchored:label_groups=1"]["0"]["curve"]
+    assert all(r["anchor_bt"] > 0 and r["label_ms"] > 0 for r in anchored)
+    assert 0 < payload["kl_budget"] <= min(max(r["kl"] for r in run["curve"])
+                                           for by_seed in runs.values() for run in by_seed.values())
+    premise = payload["premise"]["0"]
+    assert set(premise) == {"pretrained", "random_init"} and premise["pretrained"]["test_pairs"] == 18
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()) == ["init", "init", "sft", "sft"]
+    assert "Premise check" in (tmp_path / "lab.md").read_text()
 
 
 def test_lab_refuses_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="--variants has unknown modes"):
+    with pytest.raises(SystemExit, match="--variants: unknown mode 'best'"):
         lab.main(["--variants", "vanilla,best", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--variants: variant 'r2m:lr=1': 'lr=1' is not field=value"):
+        lab.main(["--variants", "r2m:lr=1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         lab.main(["--steps", "0", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
 def test_accuracy(tmp_path):
-    assert accuracy.main(["--seeds", "1", "--steps", "2", "--pairs", "20", "--out", str(tmp_path)]) == 0
-    summary = outputs(tmp_path, "accuracy")["summary"]
+    assert accuracy.main(["--seeds", "1", "--pairs", "20", "--out", str(tmp_path),
+                          "--cache-dir", str(tmp_path / "cache"), *TINY_LAB]) == 0
+    payload = outputs(tmp_path, "accuracy")
+    summary = payload["summary"]
     assert [s["test_set"] for s in summary] == ["biased", "unbiased"]
     # the untrained R2M's o_proj is zero: it orders pairs exactly as the proxy does
-    assert all(s["r2m_before"] == s["proxy_rm"] for s in summary)
-    assert all(0.0 <= s["r2m_after"] <= 1.0 for s in summary)
+    assert all(s["r2m_before"]["mean"] == s["proxy_rm"]["mean"] for s in summary)
+    assert all(0.0 <= s["r2m_after"]["mean"] <= 1.0 for s in summary)
+    on_policy = payload["on_policy"]
+    assert [w["window"] for w in on_policy] == ["first", "last"] and on_policy[-1]["step"] == 3
+    assert all(0.0 <= w[k]["mean"] <= 1.0 for w in on_policy for k in ("onpolicy_acc_proxy", "onpolicy_acc_trained"))
 
 
 @pytest.mark.slow

@@ -1,14 +1,22 @@
 """GRPO in the lab world of `r2m.lab`: the training that `r2m bench lab`, `r2m bench accuracy` and `r2m demo` run.
 
-A tiny policy is trained with TRL's GRPOTrainer against the lab's proxy reward model, wrapped by `R2MReward` in
-one of its modes; the gold reward is logged beside it (reward weight 0: it never trains the policy).
-Everything is built offline from configs.
+A tiny policy, SFT-pretrained on gold-good responses (`initial_policy`, cached on disk) or left at its random init,
+is trained with TRL's GRPOTrainer against the lab's proxy reward model wrapped by `R2MReward` in one of its modes.
+Per step the run records, from the rewards the trainer sees, the gold reward beside the proxy's and the trained
+reward, their within-group spreads, how each ranks the policy's own samples by gold (on-policy accuracy), how often
+the policy emits the spurious word, and the relative size of each R2M update. Everything is built offline.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,81 +25,213 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from r2m import tiny
 from r2m.config import R2MConfig
 from r2m.integrations.trl.reward import R2MReward
-from r2m.lab import LabWorld
+from r2m.lab import LabWorld, PretrainConfig, ranking_agreement
 
 
 @dataclass
 class LabRunConfig:
-    """One GRPO run in the lab world: the policy's training and R2M's knobs."""
+    """One GRPO run in the lab world. Defaults follow the paper's regime where the lab can (SPEC 2.6): K = 8
+    responses per prompt, Omega 0.6, alpha 0.3, T = the run's steps, temperature 0.7, KL beta 0.05 (RLOO's).
 
-    steps: int = 120
+    ``groups``: prompts per policy update (and per R2M update). ``pretrain``: start from the policy SFT-pretrained
+    as ``sft`` says (the paper's premise) instead of the random init. ``total_steps``: T of w(t), None for
+    ``steps``. ``fusion_init`` (`R2MConfig.fusion_init`): ``zero``, an untrained R2M scores exactly as the proxy;
+    ``random``, as the paper's untrained R2M, so that ``frozen`` (R2M w/o Train) differs from ``vanilla``.
+    ``label_groups``: in modes ``anchored`` and ``head_only``, the groups per batch whose responses the gold reward
+    labels for the update (0: none). ``bins``: windows of steps the recorded curve is averaged over.
+    """
+
+    steps: int = 300
     seed: int = 0
-    prompts_per_step: int = 4
-    generations: int = 4
+    groups: int = 8
+    generations: int = 8
+    temperature: float = 0.7
     policy_hidden_size: int = 64
     policy_lr: float = 2e-3
-    beta: float = 0.02
-    r2m_lr: float = 1e-3
+    beta: float = 0.05
+    pretrain: bool = True
+    sft: PretrainConfig = field(default_factory=PretrainConfig)
+    r2m_lr: float = 1e-4
+    alpha: float = 0.3
+    update_steps: int = 1
     omega_min: float = 0.6
+    total_steps: int | None = None
+    fusion_init: str = "zero"
+    label_groups: int = 0
+    anchor_weight: float = 1.0
+    bins: int = 30
+
+    def __post_init__(self) -> None:
+        if self.label_groups < 0:
+            raise ValueError(f"LabRunConfig.label_groups must be >= 0, got {self.label_groups!r}")
+        for name in ("steps", "groups", "update_steps", "bins", "policy_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LabRunConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.generations < 2:
+            raise ValueError(f"LabRunConfig.generations must be >= 2 (R2M pairs within a group), got "
+                             f"{self.generations!r}")
+
+    def r2m_config(self, mode: str) -> R2MConfig:
+        return R2MConfig(mode=mode, lr=self.r2m_lr, alpha=self.alpha, update_steps=self.update_steps,
+                         omega_min=self.omega_min, total_steps=self.total_steps or self.steps, seed=self.seed,
+                         fusion_init=self.fusion_init, anchor_weight=self.anchor_weight)
 
 
-class Progress(TrainerCallback):
-    """A progress bar showing the latest gold and proxy rewards (instead of printing every log)."""
-
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.label, dynamic_ncols=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "rewards/gold/mean" in logs:
-            self.bar.set_postfix(gold=f"{logs['rewards/gold/mean']:.3f}",
-                                 proxy=f"{logs['r2m/vanilla_reward_mean']:.3f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
+    """The saved initial policy of ``run``: a random-init tiny Llama (seeded by ``run.seed``), SFT-pretrained on
+    gold-good responses (`LabWorld.pretrain` with ``run.sft``) when ``run.pretrain``. Built once per world, size,
+    seed and pretraining config, then read from ``cache_dir``."""
+    key = {"world": dataclasses.asdict(world.config), "hidden_size": run.policy_hidden_size, "seed": run.seed,
+           "pretrain": dataclasses.asdict(run.sft) if run.pretrain else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"policy-{'sft' if run.pretrain else 'init'}-{digest}"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(run.seed)
+    policy = tiny.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size)
+    losses = world.pretrain(policy, run.sft, run.seed) if run.pretrain else []
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    policy.save_pretrained(partial)
+    world.tokenizer.save_pretrained(partial)
+    (partial / "lab_policy.json").write_text(json.dumps({**key, "sft_loss_per_epoch": losses}, indent=2))
+    partial.rename(path)
+    return path
 
 
 def gold_reward(world: LabWorld):
+    """The world's gold reward as a TRL reward function (the labeller of modes ``anchored`` and ``head_only``)."""
     def gold(prompts: list[str], completions: list[str], **_: object) -> list[float]:
         return [world.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
     return gold
 
 
-def train_variant(variant: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn.Module, policy_dir: Path,
-                  work_dir: Path) -> tuple[dict, GRPOTrainer, R2MReward]:
-    """One GRPO run of the policy saved in ``policy_dir`` against ``proxy`` wrapped in R2M mode ``variant``.
+class Recorder:
+    """The trainer's reward function: calls the R2M reward and records, per step, what the policy was trained on
+    beside the proxy RM's own scores and the gold reward (which never trains the policy)."""
 
-    Returns the run (``curve``: per logged step the gold reward, the proxy's own score, the reward the policy was
-    trained on, KL to the initial policy and w(t); ``seconds_per_step``; ``extra_policy_forwards``), the trainer
-    and the R2M reward."""
-    reward = R2MReward(proxy, world.tokenizer, name="proxy", config=R2MConfig(
-        mode=variant, lr=cfg.r2m_lr, omega_min=cfg.omega_min, total_steps=cfg.steps, seed=cfg.seed))
-    prompts = [f"{p} " for p in world.prompts(cfg.steps * cfg.prompts_per_step, seed=10_000 + cfg.seed)]
+    def __init__(self, reward: R2MReward, world: LabWorld, proxy: torch.nn.Module, group_size: int):
+        self.reward, self.world, self.proxy, self.group_size = reward, world, proxy, group_size
+        self.__name__ = reward.__name__
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
+        rewards = self.reward(prompts=prompts, completions=completions, **kwargs)
+        trained = torch.tensor([math.nan if r is None else r for r in rewards], dtype=torch.float64)
+        proxy = self.world.score(self.proxy, prompts, completions).double()
+        gold = torch.tensor([self.world.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)],
+                            dtype=torch.float64)
+        grouped = [x.view(-1, self.group_size) for x in (trained, proxy, gold)]
+        step = kwargs["trainer_state"].global_step + 1  # the policy step this batch trains
+        self.rows[step] = {
+            "gold": float(gold.mean()), "proxy": float(proxy.mean()), "trained": float(trained.nanmean()),
+            **{f"spread_{name}": float(x.std(1, correction=0).nanmean())
+               for name, x in zip(("trained", "proxy", "gold"), grouped, strict=True)},
+            "spurious": self.world.spurious_share(completions),
+            "onpolicy_acc_trained": ranking_agreement(grouped[0], grouped[2]),
+            "onpolicy_acc_proxy": ranking_agreement(grouped[1], grouped[2])}
+        return rewards
+
+
+class UpdateSize(TrainerCallback):
+    """The relative change ||after - before|| / ||before|| of the R2M head and fusion weights over each policy step
+    (where the R2M update runs). List it after the `R2MReward` in ``callbacks``."""
+
+    def __init__(self, reward: R2MReward):
+        self.reward = reward
+        self.rows: dict[int, dict[str, float]] = {}
+        self._before: dict[str, torch.Tensor] = {}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        r2m = self.reward.r2m_model
+        return {name: torch.cat([p.detach().flatten().double() for p in module.parameters()]).clone()
+                for name, module in (("head", r2m.head), ("fusion", r2m.fusion))}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._before = self._weights()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        after = self._weights()
+        self.rows[state.global_step] = {
+            f"update_{name}": float((after[name] - before).norm() / before.norm().clamp_min(1e-12))
+            for name, before in self._before.items()}
+
+
+class Progress(TrainerCallback):
+    """A progress bar showing the latest gold and proxy rewards (instead of printing every log)."""
+
+    def __init__(self, label: str, recorder: Recorder):
+        self.label, self.recorder, self.bar = label, recorder, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=self.label, dynamic_ncols=True, leave=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+        row = self.recorder.rows.get(state.global_step)
+        if row:
+            self.bar.set_postfix(gold=f"{row['gold']:.3f}", proxy=f"{row['proxy']:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn.Module, policy_dir: Path,
+                  work_dir: Path, label: str | None = None) -> tuple[dict, GRPOTrainer, R2MReward]:
+    """One GRPO run of the policy saved in ``policy_dir`` against ``proxy`` wrapped in R2M mode ``mode``.
+
+    Returns the run record (``curve``: per bin of steps the means of the recorded metrics, KL to the initial
+    policy, w(t), the R2M loss and ``r2m/state_similarity``; ``seconds_per_step``; ``extra_policy_forwards``), the
+    trainer and the R2M reward."""
+    label = label or mode
+    labels = {"labeller": gold_reward(world), "label_groups": cfg.label_groups} if cfg.label_groups else {}
+    reward = R2MReward(proxy, world.tokenizer, name="proxy", config=cfg.r2m_config(mode), **labels)
+    recorder = Recorder(reward, world, proxy, cfg.generations)
+    update_size = UpdateSize(reward)
+    callbacks = [reward, update_size, Progress(f"GRPO, {label}, seed {cfg.seed}", recorder)]
+    prompts = [f"{p} " for p in world.prompts(cfg.steps * cfg.groups, seed=10_000 + cfg.seed)]
     args = GRPOConfig(
-        output_dir=str(work_dir / variant), use_cpu=True, bf16=False, report_to="none", seed=cfg.seed,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.generations, num_generations=cfg.generations,
+        output_dir=str(work_dir / label), use_cpu=True, bf16=False, report_to="none", seed=cfg.seed,
+        per_device_train_batch_size=cfg.groups * cfg.generations, num_generations=cfg.generations,
         max_completion_length=world.config.response_words, learning_rate=cfg.policy_lr,
-        lr_scheduler_type="constant", max_steps=cfg.steps, logging_steps=max(1, cfg.steps // 30), beta=cfg.beta,
-        reward_weights=[1.0, 0.0], temperature=1.0, save_strategy="no")
-    trainer = GRPOTrainer(model=str(policy_dir), reward_funcs=[reward, gold_reward(world)],
-                          callbacks=[reward, Progress(f"GRPO, {variant} RM")], args=args,
+        lr_scheduler_type="constant", max_steps=cfg.steps, logging_steps=1, beta=cfg.beta,
+        temperature=cfg.temperature, save_strategy="no")
+    trainer = GRPOTrainer(model=str(policy_dir), reward_funcs=[recorder], callbacks=callbacks, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=world.tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    rows = [{"step": h["step"], "gold": h["rewards/gold/mean"], "proxy": h["r2m/vanilla_reward_mean"],
-             "trained": h["rewards/proxy/mean"], "kl": h.get("kl", 0.0), "omega": h["r2m/omega"],
-             "r2m_loss": h.get("r2m/loss", 0.0)}
-            for h in trainer.state.log_history if "rewards/gold/mean" in h]
-    run = {"curve": rows, "seconds_per_step": seconds / cfg.steps, "extra_policy_forwards": reward.extra_forwards}
+    logged = {h["step"]: {"kl": h.get("kl"), "omega": h.get("r2m/omega"), "r2m_loss": h.get("r2m/loss"),
+                          "state_similarity": h.get("r2m/state_similarity"), "anchor_bt": h.get("r2m/anchor_bt"),
+                          "label_ms": h.get("r2m/label_ms")}
+              for h in trainer.state.log_history if "r2m/omega" in h}
+    steps = [{"step": s, **row, **logged.get(s, {}), **update_size.rows.get(s, {})}
+             for s, row in sorted(recorder.rows.items())]
+    run = {"curve": bin_steps(steps, cfg.bins), "seconds_per_step": seconds / cfg.steps,
+           "extra_policy_forwards": reward.extra_forwards}
     return run, trainer, reward
+
+
+def bin_steps(rows: list[dict], bins: int) -> list[dict]:
+    """Consecutive per-step rows averaged into at most ``bins`` windows of equal size (the last window takes the
+    remainder); ``step`` is each window's last step. A metric missing from a whole window is None."""
+    size = max(1, len(rows) // bins)
+    windows = [rows[i: i + size] for i in range(0, size * (len(rows) // size), size)]
+    if len(rows) % size:
+        windows[-1] = windows[-1] + rows[size * (len(rows) // size):]
+    binned = []
+    for window in windows:
+        keys = dict.fromkeys(k for row in window for k in row)
+        row = {}
+        for key in keys:
+            values = [r[key] for r in window if r.get(key) is not None and not math.isnan(r[key])]
+            row[key] = statistics.fmean(values) if values else None
+        row["step"] = window[-1]["step"]
+        binned.append(row)
+    return binned
