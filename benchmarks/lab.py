@@ -288,7 +288,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     fig, axes = subplots(2, 3, figsize=(16, 8.5))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for index, (label, by_seed) in enumerate(runs.items()):
-            style = {"label": label, "color": f"C{index % 10}"}
+            style = {"label": label, "color": f"C{index % 10}", "linestyle": "-" if index < 10 else "--"}
             curves = [r["curve"] for r in by_seed.values()]
             steps = [r["step"] for r in curves[0]]
             if key is None:
