@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -257,6 +258,7 @@ class R2MModule(nn.Module):
     def _matched_noise(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, rte: Tensor) -> Tensor:
         """Gaussian noise with each sample's mean and variance over its valid policy states (R2M w/ Noise); a
         sample's standard-normal draw depends only on ``noise_seed`` and its RTE, so annotation and update agree."""
+        keys = rte.detach().float().cpu().numpy()  # one transfer for the whole batch
         if mask is not None:
             weights = mask[..., None].float()
             count = (weights.sum(dim=(1, 2)) * hidden.shape[-1]).clamp_min(1)[:, None, None]
@@ -264,7 +266,7 @@ class R2MModule(nn.Module):
             var = ((hidden.float() - mean).square() * weights).sum(dim=(1, 2), keepdim=True) / count
             noise = hidden.new_zeros(hidden.shape, dtype=torch.float32)
             for i, length in enumerate(mask.sum(dim=1).tolist()):  # the draw of `cu_seqlens` input, then padding
-                noise[i][mask[i]] = self._sample_noise(rte[i], (length, hidden.shape[-1]), hidden.device)
+                noise[i][mask[i]] = self._sample_noise(keys[i], (length, hidden.shape[-1]), hidden.device)
         else:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(hidden.device)
             segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
@@ -273,12 +275,13 @@ class R2MModule(nn.Module):
             centred = (hidden.float() - mean[segment, None]).square().sum(-1)
             var = torch.zeros_like(count).index_add_(0, segment, centred) / count
             mean, var = mean[segment, None], var[segment, None]
-            noise = torch.cat([self._sample_noise(rte[i], (int(n), hidden.shape[-1]), hidden.device)
+            noise = torch.cat([self._sample_noise(keys[i], (int(n), hidden.shape[-1]), hidden.device)
                                for i, n in enumerate(lengths.tolist())])
         return (mean + var.sqrt() * noise).to(hidden.dtype)
 
-    def _sample_noise(self, rte: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        digest = hashlib.blake2b(rte.detach().float().cpu().numpy().tobytes(), digest_size=8,
+    def _sample_noise(self, key: np.ndarray, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Standard-normal noise of ``shape`` from a generator seeded by ``noise_seed`` and a sample's RTE ``key``."""
+        digest = hashlib.blake2b(key.tobytes(), digest_size=8,
                                  key=self.noise_seed.to_bytes(8, "little")).digest()
         generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") % 2**63)
         return torch.randn(shape, generator=generator, device=device)

@@ -274,9 +274,10 @@ class HiddenStateCapture:
             return CapturedStates.none_found(count)
         parts, start = [], 0
         for record in chosen:
-            span = self._span(record.input_ids, record.attention_mask)
+            ids = None if record.input_ids is None else record.input_ids.cpu()
+            span = self._span(ids, record.attention_mask)
             size = span.shape[0]
-            row_tokens = [None] * size if record.input_ids is None else _row_tokens(record.input_ids.cpu(), span)
+            row_tokens = [None] * size if ids is None else _row_tokens(ids, span)
             ok = [t is not None and len(c) > 0 and t[-len(c):] == tuple(c)
                   for t, c in zip(row_tokens, completions[start:start + size], strict=True)]
             packed, kept = _gather(record.hidden, _valid_but_last(span) & torch.tensor(ok)[:, None])
@@ -357,22 +358,23 @@ class HiddenStateCapture:
                 self._generation.append(_Forward(input_ids, None, hidden))
         elif torch.is_grad_enabled() and module.training:
             if self.on_train_forward is not None and input_ids is not None:
+                input_ids = input_ids.cpu()
                 span = self._span(input_ids, _full_mask(mask, hidden))
                 packed, kept = _gather(hidden, _valid_but_last(span))
                 self.on_train_forward(CapturedStates(self._keep(packed), _offsets(kept),
-                                                     _row_tokens(input_ids.cpu(), span)))
+                                                     _row_tokens(input_ids, span)))
         elif self.keep_forwards:
             self._forwards.append(_Forward(input_ids, _full_mask(mask, hidden), hidden))
 
     def _span(self, input_ids: Tensor | None, mask: Tensor) -> Tensor:
-        """[B, S] bool (CPU): each row's tokens as the trainer runs them, from its first attended position to its
-        last position that is attended or not padding."""
+        """[B, S] bool (CPU; ``input_ids`` on CPU): each row's tokens as the trainer runs them, from its first
+        attended position to its last position that is attended or not padding."""
         mask = mask.bool().cpu()
         if input_ids is None or self.pad_token_id is None:
             return mask
         positions = torch.arange(mask.shape[1])
         first = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), mask.shape[1])
-        last = (positions * (mask | (input_ids.cpu() != self.pad_token_id))).argmax(dim=1)
+        last = (positions * (mask | (input_ids != self.pad_token_id))).argmax(dim=1)
         return (positions[None, :] >= first[:, None]) & (positions[None, :] <= last[:, None])
 
     def _is_reference_pass(self) -> bool:
