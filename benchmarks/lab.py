@@ -43,6 +43,8 @@ QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,r2m"}
 DEFAULTS = {"seeds": 5, "steps": 300, "variants": ",".join(VARIANTS)}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
 PAIRED_METRICS = ("gold_end", "gold_peak", "gold_at_kl", "gold_auc_kl")
+GOLD_MIN_FALL = 0.02  # a run's gold has fallen when its last window is this far below its peak
+SIMILARITY_MIN_RISE = 0.01  # its state similarity has risen when its maximum is this far above its start
 
 
 # ---- statistics -----------------------------------------------------------------------------------------------
@@ -210,7 +212,8 @@ def summarise(runs: dict[str, dict[int, dict]], baseline: str = "vanilla") -> tu
         row = {"variant": label, "seeds": len(by_seed),
                "collapse_rate": statistics.fmean(v > COLLAPSE_SHARE for v in metrics["spurious_end"].values()),
                "extra_policy_forwards": sum(r["extra_policy_forwards"] for r in by_seed.values()),
-               "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in by_seed.values())}
+               "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in by_seed.values()),
+               "monitor": monitor_summary(by_seed)}
         row.update({key: mean_interval([v for v in values.values() if v is not None])
                     for key, values in metrics.items() if any(v is not None for v in values.values())})
         rows.append(row)
@@ -243,6 +246,74 @@ def _mean_of(curve: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def monitor_lead(curve: list[dict], min_fall: float = GOLD_MIN_FALL,
+                 min_rise: float = SIMILARITY_MIN_RISE) -> dict[str, float | bool | None]:
+    """Does ``state_similarity`` rise before gold falls, in one run's binned curve?
+
+    ``t_gold``: the first window from gold's peak on where gold has lost half its fall from the peak to the last
+    window (``gold_fell``: that fall is at least ``min_fall``); ``t_sim``: the first window where the similarity has
+    covered half its rise from the first window to its maximum (``sim_rose``: that rise is at least ``min_rise``);
+    ``lead`` = t_gold - t_sim in steps (positive: the monitor moved first), only when both happened; ``corr``: the
+    Pearson correlation of similarity and gold over the windows holding both (None with under 3 or a constant one).
+    """
+    gold = [(r["step"], r["gold"]) for r in curve if r.get("gold") is not None]
+    similarity = [(r["step"], r["state_similarity"]) for r in curve if r.get("state_similarity") is not None]
+    t_gold = t_sim = None
+    if gold:
+        peak_at = max(range(len(gold)), key=lambda i: gold[i][1])
+        peak, fall = gold[peak_at][1], gold[peak_at][1] - gold[-1][1]
+        if fall >= min_fall:
+            t_gold = next(step for step, value in gold[peak_at:] if value <= peak - fall / 2)
+    if similarity:
+        first, rise = similarity[0][1], max(v for _, v in similarity) - similarity[0][1]
+        if rise >= min_rise:
+            t_sim = next(step for step, value in similarity if value >= first + rise / 2)
+    both = [(r["state_similarity"], r["gold"]) for r in curve
+            if r.get("state_similarity") is not None and r.get("gold") is not None]
+    return {"has_similarity": bool(similarity), "gold_fell": t_gold is not None, "sim_rose": t_sim is not None,
+            "t_gold": t_gold, "t_sim": t_sim, "lead": None if t_gold is None or t_sim is None else t_gold - t_sim,
+            "corr": _pearson([x for x, _ in both], [y for _, y in both])}
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:  # a constant series
+        return None
+
+
+def monitor_summary(by_seed: dict[int, dict]) -> dict:
+    """`monitor_lead` of each seed's run, counted (runs with a similarity logged, with gold falling, with the
+    similarity rising, with both, with the monitor first) and its lead and correlation as `mean_interval`s."""
+    found = {seed: monitor_lead(run["curve"]) for seed, run in by_seed.items()}
+    leads = [f["lead"] for f in found.values() if f["lead"] is not None]
+    corrs = [f["corr"] for f in found.values() if f["corr"] is not None]
+    return {"runs": len(found), "with_similarity": sum(f["has_similarity"] for f in found.values()),
+            "gold_fell": sum(f["gold_fell"] for f in found.values()),
+            "sim_rose": sum(f["sim_rose"] for f in found.values()), "both": len(leads),
+            "monitor_first": sum(lead > 0 for lead in leads),
+            "lead_steps": mean_interval(leads) if leads else None,
+            "corr_sim_gold": mean_interval(corrs) if corrs else None, "per_seed": found}
+
+
+def monitor_table(rows: list[dict]) -> str:
+    """Markdown: per variant, whether the state-similarity monitor rises before gold falls (`monitor_lead`)."""
+    table = [{"variant": r["variant"], **{key: m[key] for key in ("runs", "with_similarity", "gold_fell", "sim_rose",
+                                                                   "both", "monitor_first")},
+              "lead_steps": format_interval(m["lead_steps"]), "corr(sim, gold)": format_interval(m["corr_sim_gold"])}
+             for r in rows if (m := r.get("monitor"))]
+    if not table:
+        return ""
+    return ("\nDoes state_similarity rise before gold falls? Per run: t_gold, the window where gold has lost half "
+            f"its fall from its peak to its end (gold_fell: a fall >= {GOLD_MIN_FALL}); t_sim, the window where the "
+            "similarity has covered half its rise from its first window to its maximum (sim_rose: a rise >= "
+            f"{SIMILARITY_MIN_RISE}); lead_steps = t_gold - t_sim over the runs with both (monitor_first: lead > 0), "
+            "and the Pearson correlation of similarity and gold over the windows; mean [95% t-interval] over "
+            "seeds\n\n" + markdown_table(table, list(table[0])))
+
+
 def format_interval(stat: dict | None, digits: int = 3) -> str:
     """'mean [low, high]' (or the mean alone without an interval)."""
     if not stat:
@@ -253,7 +324,8 @@ def format_interval(stat: dict | None, digits: int = 3) -> str:
 
 
 def tables(rows: list[dict], premise: dict[int, dict], budget: float | None) -> str:
-    """The markdown report: results per variant, paired differences to vanilla, and the premise check."""
+    """The markdown report: results per variant, paired differences to vanilla, the state-similarity monitor's
+    lead over gold's fall (`monitor_table`) and the premise check."""
     main = [{"variant": r["variant"], "seeds": r["seeds"],
              **{key: format_interval(r.get(key)) for key in ("gold_end", "gold_peak", "gold_at_kl", "gold_auc_kl",
                                                             "kl_end")},
@@ -268,6 +340,7 @@ def tables(rows: list[dict], premise: dict[int, dict], budget: float | None) -> 
     if paired:
         text += ("\nPaired difference to vanilla per seed, mean [95% t-interval]; exceeds_spread: the d_gold_end "
                  "interval excludes 0\n\n" + markdown_table(paired, list(paired[0])))
+    text += monitor_table(rows)
     text += f"\nMatched-KL budget K* = {'none (no KL logged)' if budget is None else f'{budget:.4g}'}\n"
     if premise:
         seeds = sorted(premise)
@@ -330,6 +403,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=run.alpha, help="GREBT's GRE weight")
     p.add_argument("--update-steps", type=int, default=run.update_steps, help="R2M optimiser steps per update")
     p.add_argument("--omega-min", type=float, default=run.omega_min, help="Omega, the floor of w(t)")
+    p.add_argument("--num-iterations", type=int, default=run.num_iterations,
+                   help="policy epochs per generation batch (the paper's 2)")
     p.add_argument("--beta", type=float, default=run.beta, help="KL coefficient of the policy update")
     p.add_argument("--policy-lr", type=float, default=run.policy_lr)
     p.add_argument("--temperature", type=float, default=run.temperature)
@@ -340,8 +415,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="out/lab-cache", help="where initial policies are kept")
     p.add_argument("--spurious-word", default="w0")
     p.add_argument("--spurious-penalty", type=float, default=1.0)
-    p.add_argument("--rm-pairs", type=int, default=512, help="gold-labelled pairs the proxy RM is trained on")
-    p.add_argument("--rm-bias", type=float, default=0.8,
+    world = LabConfig()
+    p.add_argument("--rm-pairs", type=int, default=world.rm_pairs, help="gold-labelled pairs the proxy RM is trained on")
+    p.add_argument("--rm-bias", type=float, default=world.rm_bias,
                    help="how often the better response of a training pair carries the spurious word")
 
 
@@ -353,7 +429,8 @@ def world_and_run(options: argparse.Namespace, seed: int) -> tuple[LabWorld, Lab
                        temperature=options.temperature, policy_lr=options.policy_lr, beta=options.beta,
                        pretrain=not options.random_init, r2m_lr=options.r2m_lr, alpha=options.alpha,
                        sft=PretrainConfig(examples=options.sft_examples, epochs=options.sft_epochs),
-                       update_steps=options.update_steps, omega_min=options.omega_min)
+                       update_steps=options.update_steps, omega_min=options.omega_min,
+                       num_iterations=options.num_iterations)
     return world, run
 
 

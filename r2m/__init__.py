@@ -1,6 +1,7 @@
 """R2M: Real-Time Aligned Reward Models for online RLHF (Huang et al., ICML 2026, arXiv 2601.22664)."""
 
 from r2m import losses
+from r2m.anchors import AnchorBatch
 from r2m.base import R2MModule
 from r2m.config import MODES, R2MConfig
 from r2m.fusion import SequenceToTokenAttention
@@ -9,6 +10,6 @@ from r2m.reward_model import R2MRewardModel
 from r2m.schedule import omega
 from r2m.wrap import wrap
 
-__all__ = ["MODES", "R2MConfig", "R2MJudgeModel", "R2MModule", "R2MRewardModel", "SequenceToTokenAttention",
-           "losses", "omega", "wrap"]
+__all__ = ["MODES", "AnchorBatch", "R2MConfig", "R2MJudgeModel", "R2MModule", "R2MRewardModel",
+           "SequenceToTokenAttention", "losses", "omega", "wrap"]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from r2m.anchors import AnchorBatch
 from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.fusion import SequenceToTokenAttention
 from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
@@ -27,7 +28,7 @@ OPTIMIZER_NAME = "r2m_optimizer.safetensors"
 # Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
 # Config fields a resumed run may change: it trains on with this config's value, with a warning.
-TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight")
+TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight", "fused_scale")
 # "attend(u) -> c" run wherever the policy states live (SPEC 3): query vectors u [B, H, D_p] -> the attended states
 # c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -63,6 +64,8 @@ class R2MModule(nn.Module):
         # Mode "noise": each sample's noise is drawn from a generator seeded by this seed and the sample's RTE, so a
         # sample sees the same noise at annotation and in the update, on any device (`_matched_noise`).
         self.noise_seed = config.seed if config.seed is not None else torch.Generator().seed() % 2**62
+        # kappa of ``fused_scale="base_spread"``: what the trained term is multiplied by (set by each update).
+        self.fused_scale_factor = 1.0
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> R2MModule:
         """What ``.to``/``.cuda``/``.half``/... run. The wrapped model gets ``fn``; so do fusion, head and the
@@ -123,7 +126,8 @@ class R2MModule(nn.Module):
 
     def update(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, rewards: Tensor, group_size: int,
                step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None,
-               context: PolicyContext | None = None, labels: Tensor | None = None) -> dict[str, float]:
+               context: PolicyContext | None = None, labels: Tensor | None = None,
+               anchor: AnchorBatch | None = None) -> dict[str, float]:
         """One GREBT update of fusion and head (paper Sec. 4.2) on groups of ``group_size`` consecutive samples.
 
         ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
@@ -137,12 +141,20 @@ class R2MModule(nn.Module):
         A group whose samples all have a label gets a labelled pair (its highest- and lowest-labelled sample), and
         ``anchor_weight`` x the mean Bradley-Terry loss of the fused rewards over those pairs joins GREBT
         (``groups_labelled``, ``anchor_bt``).
+
+        ``anchor`` (modes ``anchored`` and ``head_only``): a fixed anchor set of preference pairs (`r2m.AnchorBatch`:
+        their RTEs and, in ``anchored``, the current policy's states of them). ``anchor_weight`` x the mean
+        Bradley-Terry loss of their R2M rewards (the same w(t) and fusion) joins the loss in each of ``update_steps``
+        (``anchor_set_bt``), even when no group is usable. Under torch.distributed every rank passes the same anchor
+        set; rank 0 alone back-propagates the term, so the summed gradient counts it once. ``labels`` and ``anchor``
+        may be given together.
         """
         start = time.perf_counter()
         device = self.head.weight.device
         rewards = _check_rewards(rewards, rte.shape[0] if isinstance(rte, Tensor) else None)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
             raise ValueError(f"group_size must be an int >= 2 (responses per prompt), got {group_size!r}")
+        anchor_set = self._check_anchor(anchor)
         rank, world = _rank_and_world()
         all_rewards = _all_gather(rewards.to(device), world)
         if all_rewards.numel() % group_size:
@@ -153,15 +165,22 @@ class R2MModule(nn.Module):
         groups = all_rewards.numel() // group_size
         if not self.config.trains:
             return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "groups_degenerate": 0.0, "update_ms": 0.0}
-        fused, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
+        base, trained, usable = self._reward_parts(rte, hidden, mask, cu_seqlens, base_rewards, context,
+                                                   with_grad=True)
         sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
+        if self.config.fused_scale == "base_spread":
+            self.fused_scale_factor = _spread_bound(_all_gather(base.detach(), world).view(groups, group_size),
+                                                    _all_gather(trained.detach(), world).view(groups, group_size),
+                                                    group_ok)
+        stats["fused_scale"] = self.fused_scale_factor
+        fused = self._mix(base, trained, w)
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
         winner, loser, has_pair = select_pairs(annotation[group_ok])
         label_w, label_l, labelled = self._labelled_pairs(labels, rewards.shape[0], group_ok, group_size, world)
-        stats["anchor_bt"] = 0.0
+        stats["anchor_bt"] = stats["anchor_set_bt"] = 0.0
         used, degenerate = int(group_ok.sum()), 0
-        for inner in range(self.config.update_steps if used else 0):
+        for inner in range(self.config.update_steps if used or anchor_set is not None else 0):
             if inner:
                 fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
             gathered = _all_gather(fused.detach(), world).requires_grad_(True)
@@ -172,18 +191,51 @@ class R2MModule(nn.Module):
                                  group_rewards.gather(1, label_l[:, None]))[labelled].mean()
                 loss = loss + self.config.anchor_weight * anchor
                 stats["anchor_bt"] = float(anchor.detach())
-            loss.backward()
             self.optimizer.zero_grad(set_to_none=False)
+            if anchor_set is not None:  # the same set on every rank: only rank 0's copy carries a gradient
+                set_bt = self._anchor_set_bt(anchor_set, step, with_grad=rank == 0)
+                if set_bt is not None:
+                    loss = loss + self.config.anchor_weight * set_bt
+                    stats["anchor_set_bt"] = float(set_bt.detach())
+            loss.backward()  # into gathered.grad (and, for the anchor set, into fusion and head)
             fused.backward(gathered.grad.view(world, -1)[rank])
             self._step(world)
             with torch.no_grad():
                 bt = bt_loss(group_rewards.gather(1, winner[:, None]), group_rewards.gather(1, loser[:, None]))
-                stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()),
+                stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()) if used else 0.0,
                              bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
                 degenerate = int(degenerate_groups(group_rewards).sum())
         return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
                 "groups_degenerate": float(degenerate), "groups_labelled": float(labelled.sum()),
                 "update_ms": 1000.0 * (time.perf_counter() - start)}
+
+    def _check_anchor(self, anchor: AnchorBatch | None) -> AnchorBatch | None:
+        if anchor is None:
+            return None
+        if not isinstance(anchor, AnchorBatch):
+            raise TypeError(f"anchor must be an r2m.AnchorBatch (the anchor set's RTEs and policy states), got "
+                            f"{type(anchor).__name__}")
+        if self.config.mode not in LABELLED_MODES:
+            raise ValueError(f"anchor (a fixed anchor set) is used in modes {LABELLED_MODES} (R2MConfig.mode), not "
+                             f"{self.config.mode!r}")
+        if anchor.chosen_rte.shape[1] != self.rm_dim:
+            raise ValueError(f"anchor.chosen_rte and rejected_rte must have shape [pairs, rm_dim={self.rm_dim}], got "
+                             f"{tuple(anchor.chosen_rte.shape)}")
+        if self.config.uses_fusion and anchor.hidden is None:
+            raise ValueError(f"mode {self.config.mode!r} fuses the policy's states: the anchor needs hidden and "
+                             f"cu_seqlens (the current policy's states of its 2P sequences, chosen then rejected)")
+        return anchor
+
+    def _anchor_set_bt(self, anchor: AnchorBatch, step: int, with_grad: bool) -> Tensor | None:
+        """Mean Bradley-Terry loss of the R2M rewards over the anchor set's usable pairs (None if none is)."""
+        rewards, usable = self._rewards(anchor.rte, anchor.hidden, None, anchor.cu_seqlens, step,
+                                        anchor.base_rewards, with_grad=with_grad)
+        pairs = anchor.pairs
+        ok = usable & torch.isfinite(rewards.detach())
+        ok = ok[:pairs] & ok[pairs:]
+        if not bool(ok.any()):
+            return None
+        return bt_loss(rewards[:pairs][ok], rewards[pairs:][ok]).mean()
 
     def _labelled_pairs(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
                         world: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,10 +268,26 @@ class R2MModule(nn.Module):
                  step: int, base_rewards: Tensor | None, context: PolicyContext | None = None,
                  with_grad: bool = False) -> tuple[Tensor, Tensor]:
         """Trainable reward [B] and which samples had finite inputs. Non-finite inputs are zeroed first."""
+        w = self.omega_at(step)
+        base, trained, usable = self._reward_parts(rte, hidden, mask, cu_seqlens, base_rewards, context, with_grad)
+        with torch.set_grad_enabled(with_grad):
+            return self._mix(base, trained, w), usable
+
+    def _mix(self, base: Tensor, trained: Tensor, w: float) -> Tensor:
+        """Eq. 4 in its split form, w r_base + (1 - w) head(Ĥ); with ``fused_scale="base_spread"`` the trained
+        term is multiplied by kappa (`fused_scale_factor`)."""
+        if self.config.fused_scale == "base_spread":
+            trained = self.fused_scale_factor * trained
+        return w * base + (1.0 - w) * trained
+
+    def _reward_parts(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
+                      base_rewards: Tensor | None, context: PolicyContext | None = None,
+                      with_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """r_base [B], the trained term head(Ĥ) [B] (head(H) where the mode uses no fusion) and which samples had
+        finite inputs. Non-finite inputs are zeroed first."""
         rte = self._check_rte(rte)
         usable = torch.isfinite(rte).all(dim=1)
         rte = torch.where(usable[:, None], rte, torch.zeros_like(rte))
-        w = self.omega_at(step)
         with torch.set_grad_enabled(with_grad):
             base = self.base_reward(rte, base_rewards)
             if self.config.uses_fusion and context is not None:
@@ -235,7 +303,7 @@ class R2MModule(nn.Module):
                 feature, usable = self.fusion(rte, hidden, mask, cu_seqlens), usable & hidden_ok
             else:
                 feature = rte
-            return w * base + (1.0 - w) * self.head(feature).squeeze(-1), usable & torch.isfinite(base)
+            return base, self.head(feature).squeeze(-1), usable & torch.isfinite(base)
 
     def _clean_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
                       rte: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
@@ -308,7 +376,8 @@ class R2MModule(nn.Module):
         meta = {"kind": type(self).__name__, "config": self.config.to_dict(), "rm_dim": self.rm_dim,
                 "policy_dim": self.policy_dim, "attn_dim": self.fusion.attn_dim,
                 "head_bias": self.head.bias is not None, "total_steps": self.total_steps,
-                "noise_seed": self.noise_seed, "param_groups": optim["param_groups"]}
+                "noise_seed": self.noise_seed, "fused_scale_factor": self.fused_scale_factor,
+                "param_groups": optim["param_groups"]}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -367,6 +436,7 @@ class R2MModule(nn.Module):
         self.head.load_state_dict({k[5:]: v.to(device) for k, v in weights.items() if k.startswith("head.")})
         self.total_steps = meta.get("total_steps", self.total_steps)
         self.noise_seed = meta.get("noise_seed", self.noise_seed)
+        self.fused_scale_factor = float(meta.get("fused_scale_factor", 1.0))
         optimizer_file = directory / OPTIMIZER_NAME
         if optimizer_file.exists():
             tensors = load_file(str(optimizer_file))
@@ -386,6 +456,18 @@ def read_meta(save_directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no R2M checkpoint at {save_directory}: {CONFIG_NAME} is missing")
     return json.loads(path.read_text())
+
+
+def _spread_bound(base: Tensor, trained: Tensor, group_ok: Tensor) -> float:
+    """kappa = min(1, s_base / s_trained): s the mean over the usable groups of each term's population std within a
+    group ([groups, K] inputs). 1 when no group is usable or the trained term does not spread (nothing to bound)."""
+    if not bool(group_ok.any()):
+        return 1.0
+    s_base = base[group_ok].double().std(dim=1, correction=0).mean()
+    s_trained = trained[group_ok].double().std(dim=1, correction=0).mean()
+    if not bool(torch.isfinite(s_base) & torch.isfinite(s_trained)) or float(s_trained) <= 0.0:
+        return 1.0
+    return float(min(1.0, float(s_base / s_trained)))
 
 
 def _check_rewards(rewards: Tensor, batch: int | None) -> Tensor:

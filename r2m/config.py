@@ -13,6 +13,7 @@ from typing import Any
 MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre", "anchored")
 IMPLS = ("auto", "naive", "torch", "triton")
 FUSION_INITS = ("zero", "random")
+FUSED_SCALES = ("none", "base_spread")
 # Modes whose update takes preference labels on the policy's own samples: the anchored method, and its control (the
 # RM's head trained on the same labels with no policy feedback).
 LABELLED_MODES = ("anchored", "head_only")
@@ -64,6 +65,12 @@ class R2MConfig:
         "help": "Initial attention output projection: zero (an untrained R2M scores exactly like the RM) or random "
                 "(default nn.Linear init, as the paper's untrained R2M, which differs from its RM).",
         "choices": FUSION_INITS})
+    fused_scale: str = field(default="none", metadata={
+        "help": "How the trained term head(Ĥ) enters the reward: none (paper Eq. 4, w head(H) + (1 - w) head(Ĥ)) or "
+                "base_spread (beyond the paper: the trained term is multiplied by kappa = min(1, s_base / s_trained), "
+                "s the mean within-group spread of either term over the groups of the latest update, so it never "
+                "spreads a group wider than the base reward does and Omega bounds its share of the ranking).",
+        "choices": FUSED_SCALES})
 
     def __post_init__(self) -> None:
         _check_unit_interval("omega_min", self.omega_min)
@@ -96,6 +103,8 @@ class R2MConfig:
             raise ValueError(f"R2MConfig.anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
         if self.fusion_init not in FUSION_INITS:
             raise ValueError(f"R2MConfig.fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
+        if self.fused_scale not in FUSED_SCALES:
+            raise ValueError(f"R2MConfig.fused_scale must be one of {FUSED_SCALES}, got {self.fused_scale!r}")
 
     @property
     def effective_alpha(self) -> float:
@@ -131,6 +140,18 @@ class ConfigFlag:
     default: Any
     help: str
     choices: tuple | None = None
+
+    @property
+    def optional(self) -> bool:
+        """Whether the field takes None (``X | None``)."""
+        return (isinstance(self.hint, types.UnionType) or typing.get_origin(self.hint) is typing.Union) and \
+            type(None) in typing.get_args(self.hint)
+
+    def parse(self, text: str) -> Any:
+        """A command-line value: ``None`` for an optional field, else the text converted to its type."""
+        if self.optional and text in ("None", "none", "null"):
+            return None
+        return self.scalar_type(text)
 
     @property
     def scalar_type(self) -> type:

@@ -17,7 +17,7 @@ def outputs(path, name):
     return payload
 
 
-TINY_LAB = ["--steps", "3", "--groups", "2", "--generations", "4", "--rm-pairs", "64", "--sft-examples", "256",
+TINY_LAB = ["--steps", "4", "--groups", "2", "--generations", "4", "--rm-pairs", "64", "--sft-examples", "256",
             "--sft-epochs", "1"]
 
 
@@ -37,7 +37,8 @@ def test_lab(tmp_path):
         assert isinstance(paired["excludes_zero"], bool)
         assert rows[label]["gold_end"]["low"] <= rows[label]["gold_end"]["mean"] <= rows[label]["gold_end"]["high"]
     curve = runs["r2m"]["0"]["curve"]
-    assert [r["step"] for r in curve] == [1, 2, 3] and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
+    # two policy epochs per generation batch (the lab's default): scored at steps 1 and 3, R2M updated at 2 and 4
+    assert [r["step"] for r in curve] == [1, 3] and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
     assert all(r["kl"] is not None and r["update_head"] > 0 and 0 <= r["onpolicy_acc_proxy"] <= 1 for r in curve)
     # o_proj starts at zero: the first scoring equals the proxy's, however the head moves later
     assert curve[0]["trained"] == pytest.approx(curve[0]["proxy"], rel=1e-5)

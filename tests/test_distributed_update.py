@@ -14,11 +14,13 @@ from r2m import tiny
 GROUP_SIZE, SAMPLES, STEPS = 4, 12, 3  # rank 0 holds samples 0-5, rank 1 holds 6-11: group 1 straddles the ranks
 
 
-def build_model():
+def build_model(fused_scale="none"):
     torch.manual_seed(0)
     rm = tiny.build_reward_model(tiny.build_tokenizer(), "llama", hidden_size=32)
-    model = r2m.wrap(rm, 24, r2m.R2MConfig(total_steps=5, lr=1e-2, attn_dim=16, num_heads=2, seed=0))
-    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.3)
+    model = r2m.wrap(rm, 24, r2m.R2MConfig(total_steps=5, lr=1e-2, attn_dim=16, num_heads=2, seed=0,
+                                           fused_scale=fused_scale))
+    # with base_spread, a trained term far wider than the RM's own, so that kappa < 1 binds
+    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.3 if fused_scale == "none" else 3.0)
     return model
 
 
@@ -36,11 +38,11 @@ def run_updates(model, rte, hidden, mask, rewards):
     return [model.update(rte, hidden, mask, rewards, GROUP_SIZE, step) for step in range(STEPS)]
 
 
-def worker(rank, world, port, out_dir):
+def worker(rank, world, port, out_dir, fused_scale):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = build_model()
+        model = build_model(fused_scale)
         part = slice(rank * SAMPLES // world, (rank + 1) * SAMPLES // world)
         stats = run_updates(model, *(t[part] for t in build_batch()))
         state = {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
@@ -57,12 +59,13 @@ def free_port():
 
 
 @pytest.mark.distributed
-def test_two_process_update_equals_single_process(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("fused_scale", ["none", "base_spread"])
+def test_two_process_update_equals_single_process(tmp_path, fused_scale):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), fused_scale), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
 
-    single = build_model()
+    single = build_model(fused_scale)
     single_stats = run_updates(single, *build_batch())
     expected = {f"fusion.{k}": v for k, v in single.fusion.state_dict().items()}
     expected.update({f"head.{k}": v for k, v in single.head.state_dict().items()})
@@ -77,3 +80,6 @@ def test_two_process_update_equals_single_process(tmp_path):
     for got, want in zip(ranks[0]["stats"], single_stats, strict=False):
         assert (got["groups_used"], got["groups_skipped"]) == (2, 1) == (want["groups_used"], want["groups_skipped"])
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+        assert got["fused_scale"] == pytest.approx(want["fused_scale"], rel=1e-6)
+    if fused_scale == "base_spread":  # the trained term spreads wider than the base here: kappa bounds it
+        assert 0 < ranks[0]["stats"][0]["fused_scale"] < 1

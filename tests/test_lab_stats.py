@@ -5,7 +5,18 @@ import statistics
 
 import pytest
 
-from r2m.benchmarks.lab import Variant, gold_at_kl, mean_interval, paired_difference, t_quantile
+import numpy as np
+
+from r2m.benchmarks.lab import (
+    Variant,
+    gold_at_kl,
+    mean_interval,
+    monitor_lead,
+    monitor_summary,
+    monitor_table,
+    paired_difference,
+    t_quantile,
+)
 from r2m.integrations.trl.lab_grpo import bin_steps
 
 # two-sided 95% critical values of Student's t (any statistics table)
@@ -79,3 +90,60 @@ def test_variant_parsing():
         Variant.parse("best")
     with pytest.raises(ValueError, match="is not field=value"):
         Variant.parse("r2m:steps=3")
+
+
+def step_curve(similarity_at, gold_at, steps=range(10, 210, 10)):
+    return [{"step": s, "state_similarity": similarity_at(s), "gold": gold_at(s), "kl": 0.1} for s in steps]
+
+
+def test_monitor_lead_on_steps_known_by_construction():
+    # similarity jumps at step 40, gold drops at step 80: the monitor leads by 40 steps
+    curve = step_curve(lambda s: 0.2 if s < 40 else 0.8, lambda s: 1.0 if s < 80 else 0.5)
+    found = monitor_lead(curve)
+    assert (found["t_sim"], found["t_gold"], found["lead"]) == (40, 80, 40)
+    assert found["gold_fell"] and found["sim_rose"] and found["has_similarity"]
+    sims, golds = [r["state_similarity"] for r in curve], [r["gold"] for r in curve]
+    assert found["corr"] == pytest.approx(float(np.corrcoef(sims, golds)[0, 1]))
+
+
+def test_monitor_lead_on_ramps_uses_half_way_points():
+    # gold rises to its peak 1.0 at step 100 and falls linearly to 0.5 at 200: half its fall (0.75) at step 150;
+    # similarity ramps 0.25 -> 0.75 over steps 10..90: half its rise (0.5) at step 50
+    gold = lambda s: s / 100 if s <= 100 else 1.0 - 0.5 * (s - 100) / 100  # noqa: E731
+    similarity = lambda s: 0.25 + 0.5 * min(s - 10, 80) / 80  # noqa: E731
+    found = monitor_lead(step_curve(similarity, gold))
+    assert (found["t_sim"], found["t_gold"], found["lead"]) == (50, 150, 100)
+    # the monitor moving after gold gives a negative lead
+    late = monitor_lead(step_curve(lambda s: 0.25 if s < 180 else 0.75, gold))
+    assert (late["t_sim"], late["t_gold"], late["lead"]) == (180, 150, -30)
+
+
+def test_monitor_lead_counts_no_fall_and_no_rise_as_such():
+    rising_gold = monitor_lead(step_curve(lambda s: 0.2 if s < 40 else 0.8, lambda s: s / 200))
+    assert not rising_gold["gold_fell"] and rising_gold["t_gold"] is None and rising_gold["lead"] is None
+    assert rising_gold["sim_rose"] and rising_gold["t_sim"] == 40
+    # a dip within noise of the peak is no fall; a wiggle in similarity is no rise
+    flat = monitor_lead(step_curve(lambda s: 0.5 + 0.001 * (s % 20 == 0), lambda s: 1.0 - 0.01 * (s > 100)))
+    assert not flat["gold_fell"] and not flat["sim_rose"] and flat["lead"] is None
+    unlogged = monitor_lead(step_curve(lambda s: None, lambda s: 1.0 if s < 80 else 0.5))
+    assert unlogged["gold_fell"] and not unlogged["has_similarity"] and unlogged["corr"] is None
+    constant = monitor_lead(step_curve(lambda s: 0.3, lambda s: 1.0 if s < 80 else 0.5))
+    assert constant["corr"] is None and not constant["sim_rose"]
+
+
+def test_monitor_summary_over_seeds():
+    gold = lambda s: 1.0 if s < 80 else 0.5  # noqa: E731
+    by_seed = {0: {"curve": step_curve(lambda s: 0.2 if s < 40 else 0.8, gold)},    # lead 40
+               1: {"curve": step_curve(lambda s: 0.2 if s < 60 else 0.8, gold)},    # lead 20
+               2: {"curve": step_curve(lambda s: 0.2 if s < 100 else 0.8, gold)},   # lead -20
+               3: {"curve": step_curve(lambda s: 0.2 if s < 40 else 0.8, lambda s: 1.0)}}  # no fall
+    summary = monitor_summary(by_seed)
+    assert {k: summary[k] for k in ("runs", "with_similarity", "gold_fell", "sim_rose", "both", "monitor_first")} == {
+        "runs": 4, "with_similarity": 4, "gold_fell": 3, "sim_rose": 4, "both": 3, "monitor_first": 2}
+    assert summary["lead_steps"] == pytest.approx(mean_interval([40, 20, -20]))
+    assert summary["corr_sim_gold"]["n"] == 3  # seed 3's gold is constant: no correlation
+    assert summary["per_seed"][2]["lead"] == -20
+    text = monitor_table([{"variant": "vanilla", "monitor": summary}, {"variant": "r2m"}])
+    assert "Does state_similarity rise before gold falls?" in text
+    assert "| vanilla | 4 | 4 | 3 | 4 | 3 | 2 |" in text and "| r2m |" not in text
+    assert monitor_table([{"variant": "r2m"}]) == ""

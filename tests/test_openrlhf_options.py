@@ -66,8 +66,12 @@ def test_openrlhf_semantics_switch_flags_and_clip_off():
     assert parser.parse_args([]).r2m_hidden_offload is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--r2m_hidden_offload", "true"])  # a switch takes no value
-    for value in ("0", "-1"):
+    for value in ("0", "-1", "None"):
         assert R2MOptions.from_args(parser.parse_args(["--r2m_max_grad_norm", value])).config().max_grad_norm is None
+    config = R2MOptions.from_args(parser.parse_args(["--r2m_total_steps", "None", "--r2m_seed", "None"])).config()
+    assert (config.total_steps, config.seed) == (None, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--r2m_lr", "None"])  # lr takes no None
     with pytest.raises(ValueError, match="--r2m_routing must be one of"):
         R2MOptions(routing="sideways").config()
     with pytest.raises(ValueError, match="alpha must be a number in"):

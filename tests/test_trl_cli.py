@@ -96,6 +96,16 @@ def test_parsing_round_trips_to_an_equal_config(tmp_path):
     assert cli.R2MArguments().to_config() == R2MConfig()
 
 
+def test_optional_fields_take_none_on_the_command_line(tmp_path):
+    argv = ["--reward_model_path", "rm", "--dataset_path", "data", "--output_dir", str(tmp_path), "--use_cpu",
+            "--r2m_max_grad_norm", "None", "--r2m_seed", "None", "--r2m_total_steps", "7"]
+    _, r2m_args, _, _ = cli.make_parser("rloo").parse_args_and_config(argv)
+    config = r2m_args.to_config()
+    assert (config.max_grad_norm, config.seed, config.total_steps) == (None, None, 7)
+    with pytest.raises(SystemExit):
+        cli.make_parser("grpo").parse_args_and_config(argv[:-6] + ["--r2m_lr", "None"])  # lr takes no None
+
+
 def test_a_new_config_field_reaches_the_flags_without_edits():
     from trl import TrlParser
 

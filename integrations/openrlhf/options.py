@@ -49,7 +49,7 @@ def add_r2m_arguments(parser: argparse.ArgumentParser, config_class: type = R2MC
             switch = argparse.BooleanOptionalAction if flag.default else "store_true"
             group.add_argument(option, action=switch, default=flag.default, help=flag.help)
         else:
-            group.add_argument(option, type=flag.scalar_type, default=flag.default, choices=flag.choices,
+            group.add_argument(option, type=flag.parse, default=flag.default, choices=flag.choices,
                                help=flag.help)
     return parser
 

@@ -67,8 +67,13 @@ R2MArguments = arguments_class()
 
 def make_parser(kind: str) -> TrlParser:
     config_class, _ = TRAINERS[kind]
-    return TrlParser((R2MScriptArguments, R2MArguments, config_class, ModelConfig), prog=f"r2m {kind}",
-                     description=__doc__)
+    parser = TrlParser((R2MScriptArguments, R2MArguments, config_class, ModelConfig), prog=f"r2m {kind}",
+                       description=__doc__)
+    optional = {f"r2m_{flag.name}": flag for flag in config_flags(R2MConfig) if flag.optional}
+    for action in parser._actions:  # HfArgumentParser strips Optional: let `--r2m_<field> None` through
+        if action.dest in optional:
+            action.type = optional[action.dest].parse
+    return parser
 
 
 def load_local_dataset(path: str) -> DatasetDict:

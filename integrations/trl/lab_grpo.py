@@ -41,7 +41,12 @@ class LabRunConfig:
     ``steps``. ``fusion_init`` (`R2MConfig.fusion_init`): ``zero``, an untrained R2M scores exactly as the proxy;
     ``random``, as the paper's untrained R2M, so that ``frozen`` (R2M w/o Train) differs from ``vanilla``.
     ``label_groups``: in modes ``anchored`` and ``head_only``, the groups per batch whose responses the gold reward
-    labels for the update (0: none). ``bins``: windows of steps the recorded curve is averaged over.
+    labels for the update (0: none). ``anchor_pairs``: in those modes, the size of a fixed anchor set of
+    gold-labelled preference pairs from the world without the spurious correlation (0: none), the policy's states of
+    which are refreshed every ``anchor_every`` R2M updates. ``fused_scale``: `R2MConfig.fused_scale`.
+    ``num_iterations``: policy epochs per generation batch (the paper's 2; ``steps`` counts policy steps, R2M
+    updates once per generation batch).
+    ``bins``: windows of steps the recorded curve is averaged over.
     """
 
     steps: int = 300
@@ -60,14 +65,22 @@ class LabRunConfig:
     omega_min: float = 0.6
     total_steps: int | None = None
     fusion_init: str = "zero"
+    fused_scale: str = "none"
+    num_iterations: int = 2
     label_groups: int = 0
     anchor_weight: float = 1.0
+    anchor_pairs: int = 0
+    anchor_every: int = 1
     bins: int = 30
 
     def __post_init__(self) -> None:
         if self.label_groups < 0:
             raise ValueError(f"LabRunConfig.label_groups must be >= 0, got {self.label_groups!r}")
-        for name in ("steps", "groups", "update_steps", "bins", "policy_hidden_size"):
+        if self.anchor_pairs < 0:
+            raise ValueError(f"LabRunConfig.anchor_pairs must be >= 0, got {self.anchor_pairs!r}")
+        if self.anchor_every < 1:
+            raise ValueError(f"LabRunConfig.anchor_every must be >= 1, got {self.anchor_every!r}")
+        for name in ("steps", "groups", "update_steps", "bins", "policy_hidden_size", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LabRunConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.generations < 2:
@@ -77,7 +90,8 @@ class LabRunConfig:
     def r2m_config(self, mode: str) -> R2MConfig:
         return R2MConfig(mode=mode, lr=self.r2m_lr, alpha=self.alpha, update_steps=self.update_steps,
                          omega_min=self.omega_min, total_steps=self.total_steps or self.steps, seed=self.seed,
-                         fusion_init=self.fusion_init, anchor_weight=self.anchor_weight)
+                         fusion_init=self.fusion_init, anchor_weight=self.anchor_weight,
+                         fused_scale=self.fused_scale)
 
 
 def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
@@ -138,13 +152,14 @@ class Recorder:
 
 
 class UpdateSize(TrainerCallback):
-    """The relative change ||after - before|| / ||before|| of the R2M head and fusion weights over each policy step
-    (where the R2M update runs). List it after the `R2MReward` in ``callbacks``."""
+    """The relative change ||after - before|| / ||before|| of the R2M head and fusion weights over each policy step in
+    which an R2M update ran (0 in the modes that train nothing). List it after the `R2MReward` in ``callbacks``."""
 
     def __init__(self, reward: R2MReward):
         self.reward = reward
         self.rows: dict[int, dict[str, float]] = {}
         self._before: dict[str, torch.Tensor] = {}
+        self._updates = 0
 
     def _weights(self) -> dict[str, torch.Tensor]:
         r2m = self.reward.r2m_model
@@ -152,9 +167,11 @@ class UpdateSize(TrainerCallback):
                 for name, module in (("head", r2m.head), ("fusion", r2m.fusion))}
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._before = self._weights()
+        self._before, self._updates = self._weights(), len(self.reward.update_stats)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if len(self.reward.update_stats) == self._updates:
+            return
         after = self._weights()
         self.rows[state.global_step] = {
             f"update_{name}": float((after[name] - before).norm() / before.norm().clamp_min(1e-12))
@@ -185,11 +202,15 @@ def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn
     """One GRPO run of the policy saved in ``policy_dir`` against ``proxy`` wrapped in R2M mode ``mode``.
 
     Returns the run record (``curve``: per bin of steps the means of the recorded metrics, KL to the initial
-    policy, w(t), the R2M loss and ``r2m/state_similarity``; ``seconds_per_step``; ``extra_policy_forwards``), the
+    policy, w(t), the R2M loss and ``r2m/state_similarity``; ``seconds_per_step``; ``extra_policy_forwards``;
+    ``anchor_forwards``), the
     trainer and the R2M reward."""
     label = label or mode
     labels = {"labeller": gold_reward(world), "label_groups": cfg.label_groups} if cfg.label_groups else {}
-    reward = R2MReward(proxy, world.tokenizer, name="proxy", config=cfg.r2m_config(mode), **labels)
+    if cfg.anchor_pairs:  # gold-labelled pairs without the proxy's spurious correlation, apart from the run's prompts
+        pairs = world.preference_pairs(cfg.anchor_pairs, seed=90_000 + cfg.seed, bias=0.5)
+        labels.update(anchor_pairs=[(f"{p} ", c, r) for p, c, r in pairs], anchor_every=cfg.anchor_every)
+    reward = R2MReward(proxy, world.tokenizer, name="proxy", config=cfg.r2m_config(mode), monitor=True, **labels)
     recorder = Recorder(reward, world, proxy, cfg.generations)
     update_size = UpdateSize(reward)
     callbacks = [reward, update_size, Progress(f"GRPO, {label}, seed {cfg.seed}", recorder)]
@@ -199,6 +220,7 @@ def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn
         per_device_train_batch_size=cfg.groups * cfg.generations, num_generations=cfg.generations,
         max_completion_length=world.config.response_words, learning_rate=cfg.policy_lr,
         lr_scheduler_type="constant", max_steps=cfg.steps, logging_steps=1, beta=cfg.beta,
+        num_iterations=cfg.num_iterations,
         temperature=cfg.temperature, save_strategy="no")
     trainer = GRPOTrainer(model=str(policy_dir), reward_funcs=[recorder], callbacks=callbacks, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=world.tokenizer)
@@ -207,14 +229,19 @@ def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    logged = {h["step"]: {"kl": h.get("kl"), "omega": h.get("r2m/omega"), "r2m_loss": h.get("r2m/loss"),
-                          "state_similarity": h.get("r2m/state_similarity"), "anchor_bt": h.get("r2m/anchor_bt"),
-                          "label_ms": h.get("r2m/label_ms")}
+    scored = {h["step"]: {"kl": h.get("kl"), "omega": h.get("r2m/omega"), "label_ms": h.get("r2m/label_ms"),
+                          "state_similarity": h.get("r2m/state_similarity")}
               for h in trainer.state.log_history if "r2m/omega" in h}
-    steps = [{"step": s, **row, **logged.get(s, {}), **update_size.rows.get(s, {})}
+    updated = {h["step"]: {"r2m_loss": h.get("r2m/loss"), "anchor_bt": h.get("r2m/anchor_bt"),
+                           "anchor_set_bt": h.get("r2m/anchor_set_bt"), "fused_scale": h.get("r2m/fused_scale"),
+                           **update_size.rows.get(h["step"], {})}
+               for h in trainer.state.log_history if "r2m/loss" in h}
+    # a batch generated at step s is scored then and updates R2M after the policy's last pass over it, at s + lag
+    lag = cfg.num_iterations - 1
+    steps = [{"step": s, **row, **scored.get(s, {}), **updated.get(s + lag, {})}
              for s, row in sorted(recorder.rows.items())]
     run = {"curve": bin_steps(steps, cfg.bins), "seconds_per_step": seconds / cfg.steps,
-           "extra_policy_forwards": reward.extra_forwards}
+           "extra_policy_forwards": reward.extra_forwards, "anchor_forwards": reward.anchor_forwards}
     return run, trainer, reward
 
 

@@ -40,11 +40,11 @@ class PolicyStateSource:
 
     Whether (and how many) extra forwards run is agreed by all processes, since a sharded policy's forward is a
     collective; they run through the trainer's current (prepared) model, on prompt ids built as the trainer builds
-    them (its tools and chat template). Training passes are handed to ``on_train_forward`` (the refresh).
+    them (its tools and chat template). Training passes are handed to ``on_train_forward`` (the refresh), if given.
     """
 
     def __init__(self, model: nn.Module, args: TrainingArguments, processing_class: PreTrainedTokenizerBase,
-                 offload: bool, on_train_forward: Callable[[CapturedStates], None]):
+                 offload: bool, on_train_forward: Callable[[CapturedStates], None] | None):
         self.plan = capture_plan(args)
         self.tokenizer = processing_class
         pad_token_id = getattr(getattr(processing_class, "tokenizer", processing_class), "pad_token_id", None)

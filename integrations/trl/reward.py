@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,9 @@ from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
 from r2m.adapters import GenerativeJudge
+from r2m.anchors import AnchorBatch
 from r2m.base import R2MModule
-from r2m.buffer import Rollout, RolloutStore
+from r2m.buffer import Rollout, RolloutStore, agree
 from r2m.capture import CapturedStates
 from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
@@ -45,7 +46,7 @@ from r2m.wrap import wrap
 logger = logging.getLogger(__name__)
 
 UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "groups_labelled", "anchor_bt",
-                  "update_ms")
+                  "fused_scale", "update_ms")
 
 
 @dataclass
@@ -89,10 +90,25 @@ class R2MReward(TrainerCallback):
     ``r2m/state_similarity``, an over-optimisation monitor: the mean cosine similarity of the policy's (mean-pooled)
     states of the responses within a group, averaged over groups (`r2m.monitor`).
 
+    ``monitor``: whether to log ``r2m/state_similarity``. None (default): in the modes that hold the policy's states
+    anyway (all but ``vanilla`` and ``head_only``); True: in every mode (in ``vanilla`` and ``head_only`` the states
+    are captured from the same trainer passes for the monitor alone, neither kept nor used by the update, and cost an
+    extra forward only where `capture_plan` says ``extra``); False: never.
+
     ``labeller`` (modes ``anchored`` and ``head_only``): labels the first ``label_groups`` groups of every
     generation batch (all when None; see `OnPolicyLabels`), and the update adds a Bradley-Terry term on them
     (``R2MConfig.anchor_weight``); logged as ``r2m/labelled_share``, ``r2m/label_ms``, ``r2m/groups_labelled`` and
     ``r2m/anchor_bt``.
+
+    ``anchor_pairs`` (modes ``anchored`` and ``head_only``; the cheaper alternative to a labeller, and either or both
+    may be given): a small fixed set of (prompt, chosen, rejected) preference pairs, texts or conversations as the
+    dataset's prompts and the completions are. Their RTEs are computed once when training begins (the RM is frozen);
+    in ``anchored`` the policy's states of the 2P sequences (prompt ids as the trainer builds them, then the
+    response's ids without special tokens and EOS) come from one no-grad forward through the trainer's model every
+    ``anchor_every`` R2M updates, cached in between; ``head_only`` runs none. Each update adds
+    ``R2MConfig.anchor_weight`` x their Bradley-Terry loss (`r2m.AnchorBatch`). Logged as ``r2m/anchor_set_bt``,
+    ``r2m/anchor_forwards`` (forwards so far, also `anchor_forwards`; not in `extra_forwards` or ``r2m/capture_ms``)
+    and ``r2m/anchor_ms``.
 
     After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
     ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
@@ -101,7 +117,10 @@ class R2MReward(TrainerCallback):
     def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
                  reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
                  name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None,
-                 labeller: Labeller | None = None, label_groups: int | None = None):
+                 labeller: Labeller | None = None, label_groups: int | None = None, monitor: bool | None = None,
+                 anchor_pairs: Sequence[tuple[Any, Any, Any]] | None = None, anchor_every: int = 1):
+        if monitor is not None and not isinstance(monitor, bool):
+            raise TypeError(f"monitor must be True, False or None, got {monitor!r}")
         self.judge: GenerativeJudge | None = None
         self.r2m: R2MModule | None = None
         if isinstance(reward_model, GenerativeJudge):
@@ -135,13 +154,20 @@ class R2MReward(TrainerCallback):
         if config is not None and not isinstance(config, R2MConfig):
             raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
         self.config = config or R2MConfig()
-        if self.config.mode == "anchored" and labeller is None:
-            raise ValueError("mode 'anchored' learns from labels on the policy's own samples: pass labeller= (a gold "
-                             "function, an r2m.adapters judge or a lookup of human labels)")
+        if self.config.mode == "anchored" and labeller is None and anchor_pairs is None:
+            raise ValueError("mode 'anchored' learns from labels on the policy's own samples or on a fixed anchor set: "
+                             "pass labeller= (a gold function, an r2m.adapters judge or a lookup of human labels) "
+                             "and/or anchor_pairs= ((prompt, chosen, rejected) preference pairs)")
         if labeller is not None and self.config.mode not in LABELLED_MODES:
             raise ValueError(f"labeller is used in modes {LABELLED_MODES} (head_only: the control that gives the RM "
                              f"alone the same labels), not in mode {self.config.mode!r}")
         self.labels = None if labeller is None else OnPolicyLabels(labeller, label_groups)
+        self.anchor_pairs = _check_anchor_pairs(anchor_pairs, anchor_every, self.config.mode)
+        self.anchor_every = anchor_every
+        self._anchor_forwards = self._anchor_updates = 0
+        self._anchor_scored: tuple[Tensor, Tensor | None] | None = None  # RTEs [2P, D_rm], judge rewards [2P]
+        self._anchor_states: CapturedStates | None = None
+        self.monitor = self.config.uses_fusion if monitor is None else monitor
         self.reward_model = model
         self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
@@ -177,7 +203,8 @@ class R2MReward(TrainerCallback):
                          else (None, 0))
         capture_ms = 1000 * self._source.take_seconds() if self._source is not None else 0.0
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
-        hidden, cu_seqlens = _packed(states)
+        fused = states if self.config.uses_fusion else None  # without fusion, states serve the monitor only
+        hidden, cu_seqlens = _packed(fused)
         rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
         vanilla = self.r2m.vanilla_reward_from_rte(rte, base_rewards)
         rewards, vanilla = torch.stack([rewards, vanilla.to(rewards.device)]).cpu()  # one transfer to the host
@@ -189,7 +216,7 @@ class R2MReward(TrainerCallback):
                                  getattr(getattr(trainer, "accelerator", None), "process_index", 0), dataset_columns)
         if training:
             self._log_metric = log_metric
-            held = states if states is not None else CapturedStates.none_found(len(rewards))
+            held = fused if fused is not None else CapturedStates.none_found(len(rewards))
             self._store.add(held, held.tokens, self._micro_steps + self._generate_every,
                             _Scored(rte, torch.where(finite, rewards, torch.nan), base_rewards, step, labels))
         if log_metric is not None:
@@ -198,7 +225,7 @@ class R2MReward(TrainerCallback):
                        "r2m/omega": self.r2m.omega_at(step), "r2m/extra_forward_share": extra / len(rewards),
                        "r2m/capture_ms": capture_ms,
                        "r2m/reward_nonfinite": float((~finite).sum()),
-                       "r2m/hidden_nonfinite": float(states.nonfinite_samples() if states is not None else 0)}
+                       "r2m/hidden_nonfinite": float(fused.nonfinite_samples() if fused is not None else 0)}
             if labels is not None:
                 metrics["r2m/labelled_share"] = float(torch.isfinite(labels).float().mean())
                 metrics["r2m/label_ms"], self.labels.seconds = 1000 * self.labels.seconds, 0.0
@@ -214,8 +241,8 @@ class R2MReward(TrainerCallback):
 
     @property
     def capture_plan(self) -> str | None:
-        """Where the policy states come from (see `capture_plan`); None before a trainer set it up or when the mode
-        uses none."""
+        """Where the policy states come from (see `capture_plan`); None before a trainer set it up, or when neither
+        the mode nor the monitor uses them."""
         return None if self._source is None else self._source.plan
 
     @property
@@ -227,6 +254,11 @@ class R2MReward(TrainerCallback):
     def extra_forwards(self) -> int:
         """Policy forwards R2M ran itself (0 unless the trainer's own passes lacked some samples)."""
         return 0 if self._source is None else self._source.extra_forwards
+
+    @property
+    def anchor_forwards(self) -> int:
+        """No-grad policy forwards R2M ran for the anchor set's states (one per refresh; none in ``head_only``)."""
+        return self._anchor_forwards
 
     @property
     def stored_hidden_bytes(self) -> int:
@@ -273,8 +305,9 @@ class R2MReward(TrainerCallback):
         if self._source is not None:
             self._source.remove()
             self._source = None
-        if self.config.uses_fusion:
-            self._source = PolicyStateSource(model, args, processing_class, self.config.hidden_offload, self._refresh)
+        if self.config.uses_fusion or self.monitor:  # without fusion the states serve the monitor only: no refresh
+            self._source = PolicyStateSource(model, args, processing_class, self.config.hidden_offload,
+                                             self._refresh if self.config.uses_fusion else None)
         self._policy = model
         self._chat_template_kwargs = dict(args.chat_template_kwargs or {})
         self._group_size = args.num_generations
@@ -286,6 +319,7 @@ class R2MReward(TrainerCallback):
         self.r2m.total_steps = self.config.total_steps or state.max_steps
         self._store.clear()
         self._micro_steps, self._calls = 0, 0
+        self._prepare_anchors()
         if self._resume_dir is None and state.global_step > 0:
             self._resume_dir = find_checkpoint(args, state)
         if self._resume_dir is not None:
@@ -355,8 +389,8 @@ class R2MReward(TrainerCallback):
     def _state_similarity(self, states: CapturedStates | None, completion_ids: list[list[int]],
                           trainer: object) -> float | None:
         """Mean over the batch's groups of how alike the policy's states of a group's responses are (`r2m.monitor`);
-        None without states or when the gathered batch is not whole groups."""
-        if states is None or states.hidden is None:
+        None with the monitor off, without states or when the gathered batch is not whole groups."""
+        if not self.monitor or states is None or states.hidden is None:
             return None
         pooled = pooled_response_states(states.hidden, states.cu_seqlens, [len(c) for c in completion_ids])
         accelerator = getattr(trainer, "accelerator", None)
@@ -378,11 +412,74 @@ class R2MReward(TrainerCallback):
     def _update(self, rollout: Rollout) -> None:
         scored: _Scored = rollout.payload
         hidden, cu_seqlens = _packed(rollout.states if self.config.uses_fusion else None)
+        anchor, anchor_seconds = self._anchor_batch()
         stats = self.r2m.update(scored.rte, hidden, None, scored.rewards, self._group_size, scored.step,
-                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards, labels=scored.labels)
+                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards, labels=scored.labels,
+                                anchor=anchor)
         stats["refreshed"] = rollout.refreshed_share
         self.update_stats.append(stats)
-        self._emit({f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats})
+        metrics = {f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats}
+        if anchor is not None:
+            metrics.update({"r2m/anchor_set_bt": float(stats["anchor_set_bt"]),
+                            "r2m/anchor_forwards": float(self._anchor_forwards),
+                            "r2m/anchor_ms": 1000 * anchor_seconds})
+        self._emit(metrics)
+
+    def _prepare_anchors(self) -> None:
+        """The anchor set's RTEs (and a judge's rewards), once per training run: the reward model is frozen."""
+        self._anchor_states, self._anchor_updates = None, 0
+        if self.anchor_pairs is None:
+            return
+        prompts = [p for p, _, _ in self.anchor_pairs] * 2
+        responses = [c for _, c, _ in self.anchor_pairs] + [r for _, _, r in self.anchor_pairs]
+        parts = [self._score(prompts[i:i + 64], responses[i:i + 64], None, None, {})
+                 for i in range(0, len(prompts), 64)]
+        rte = torch.cat([part[0].to(parts[0][0].device) for part in parts])
+        base = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+        self._anchor_scored = (rte, base)
+
+    def _anchor_batch(self) -> tuple[AnchorBatch | None, float]:
+        """The anchor set for this update, and the seconds spent refreshing its policy states. In fusion modes the
+        states are recomputed by one no-grad forward of the 2P sequences every ``anchor_every`` updates (all ranks
+        agreeing), and cached in between."""
+        if self.anchor_pairs is None:
+            return None, 0.0
+        if self._anchor_scored is None:
+            self._prepare_anchors()
+        rte, base = self._anchor_scored
+        pairs, seconds = len(self.anchor_pairs), 0.0
+        hidden = cu_seqlens = None
+        if self.config.uses_fusion:
+            due = self._anchor_states is None or self._anchor_updates % self.anchor_every == 0
+            calls = agree(int(due), self._source.device)
+            if calls:
+                trainer = getattr(self._log_metric, "__self__", None)
+                capture = self._source.capture
+                before = capture.seconds
+                self._anchor_states = capture.forward(self._anchor_sequences(trainer), batch_size=2 * pairs,
+                                                      calls=calls, model=getattr(trainer, "model", None))
+                seconds, capture.seconds = capture.seconds - before, before  # not in r2m/capture_ms
+                self._anchor_forwards += calls
+            states = self._anchor_states
+            if states.missing:  # a sequence whose states were not found: its pair is left out
+                rte = rte.clone()
+                rte[states.missing] = math.nan
+            hidden = states.hidden if states.hidden is not None else torch.zeros(0, self.r2m.policy_dim)
+            cu_seqlens = states.cu_seqlens
+        self._anchor_updates += 1
+        return AnchorBatch(rte[:pairs], rte[pairs:], hidden, cu_seqlens, None if base is None else base[:pairs],
+                           None if base is None else base[pairs:]), seconds
+
+    def _anchor_sequences(self, trainer: object) -> list[list[int]]:
+        """The policy's token ids of the anchor set's 2P sequences, chosen then rejected: the prompt's ids as the
+        trainer builds them (`PolicyStateSource.prompt_ids`), the response's text tokenized without special tokens,
+        and the EOS token a finished completion ends with."""
+        prompt_ids = self._source.prompt_ids([p for p, _, _ in self.anchor_pairs], trainer)
+        tokenizer = getattr(self._source.tokenizer, "tokenizer", self._source.tokenizer)
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        responses = [c for _, c, _ in self.anchor_pairs] + [r for _, _, r in self.anchor_pairs]
+        response_ids = tokenizer(text=[_response_text(r) for r in responses], add_special_tokens=False)["input_ids"]
+        return [list(p) + list(r) + eos for p, r in zip(prompt_ids * 2, response_ids, strict=True)]
 
     def _emit(self, metrics: dict[str, float]) -> None:
         """Update metrics go into the metrics of the trainer that handed us ``log_metric``, for its coming log; a
@@ -393,6 +490,47 @@ class R2MReward(TrainerCallback):
                 store["train"][key].append(value)
             elif self._log_metric is not None:
                 self._queued_metrics[key].append(value)
+
+
+def _check_anchor_pairs(pairs: Sequence[tuple[Any, Any, Any]] | None, every: int,
+                        mode: str) -> list[tuple[Any, Any, Any]] | None:
+    """``anchor_pairs`` as a list of (prompt, chosen, rejected), after checking it and ``anchor_every``."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"anchor_every must be an int >= 1 (R2M updates per refresh of the anchor set's policy "
+                         f"states), got {every!r}")
+    if pairs is None:
+        return None
+    if mode not in LABELLED_MODES:
+        raise ValueError(f"anchor_pairs is used in modes {LABELLED_MODES} (head_only: the control that gives the RM "
+                         f"alone the same anchor set), not in mode {mode!r}")
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"anchor_pairs must be a sequence of (prompt, chosen, rejected) tuples, got "
+                        f"{type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("anchor_pairs is empty: give at least one (prompt, chosen, rejected) pair, or None")
+    checked, kinds = [], set()
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 3:
+            raise ValueError(f"anchor_pairs[{i}] must be a (prompt, chosen, rejected) tuple, got {pair!r:.100}")
+        conversational = [_is_messages(part) for part in pair]
+        if not (all(isinstance(part, str) for part in pair) or all(conversational)):
+            raise ValueError(f"anchor_pairs[{i}] must hold three texts, or three conversations (lists of "
+                             f"{{'role', 'content'}} messages with text content), got "
+                             f"{tuple(type(part).__name__ for part in pair)}")
+        kinds.add(all(conversational))
+        checked.append(tuple(pair))
+    if len(kinds) > 1:
+        raise ValueError("anchor_pairs mixes texts and conversations: give one kind, as the dataset's prompts are")
+    return checked
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+
+
+def _response_text(response: str | list[dict[str, Any]]) -> str:
+    """A response's text: the text itself, or the content of a conversation's messages."""
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
 
 
 def _load_whole(path: str | os.PathLike, init_kwargs: dict[str, Any]) -> nn.Module:
