@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from trl import GRPOTrainer
 
 import r2m
 from r2m.integrations.trl import R2MReward
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import test_trl_judge
 import trl_tiny
 
 PAIRS = [("w1 w2", "w1 w2 w3", "w9"), ("w4 w5 w6", "w4 w6", "w40 w41 w42"), ("w7", "w7 w8", "w50")]
@@ -61,9 +63,45 @@ def test_grpo_with_a_fixed_anchor_set(mode, anchor_every, steps, tmp_path):
             policy_tokenizer(text="w1 w2 w3", add_special_tokens=False)["input_ids"] + eos
         rejected = policy_tokenizer(text="w1 w2")["input_ids"] + \
             policy_tokenizer(text="w9", add_special_tokens=False)["input_ids"] + eos
-        states = reward._anchor_states
+        states = reward.anchors.states
         assert states.tokens[0] == tuple(first) and states.tokens[len(PAIRS)] == tuple(rejected)
         assert not states.missing and states.hidden.shape[0] == int(states.cu_seqlens[-1])
+
+
+# the scripted judges judge prompts that start with an even word: the first two pairs share one, the third gets none
+JUDGE_PAIRS = [("w2 w12", "w2 w3", "w9"), ("w2 w12", "w5", "w2 w4 w6"), ("w3 w13", "w3", "w8")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["spct", "rm_r1"])
+def test_grpo_with_a_judge_and_a_fixed_anchor_set(kind, tmp_path):
+    """The anchor set's r_base are the judge's rewards for each pair judged as a group of its own (the two
+    compared), also where consecutive pairs share a prompt; a pair the judge gives no reward is left out."""
+    judge = test_trl_judge.make_judge(kind)
+    reward = R2MReward(judge, anchor_pairs=JUDGE_PAIRS,
+                       config=test_trl_judge.config(mode="anchored", anchor_weight=0.5))
+    policy, policy_tokenizer, *_ = trl_tiny.models_()
+    counter = AnchorForwardCounter(policy, 2 * len(JUDGE_PAIRS))
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward], args=test_trl_judge.args(tmp_path),
+                          train_dataset=test_trl_judge.dataset(), processing_class=policy_tokenizer)
+    anchors, update = [], reward.r2m.update
+    reward.r2m.update = lambda *a, anchor, **k: anchors.append(anchor) or update(*a, anchor=anchor, **k)
+    trainer.train()
+    counter.handle.remove()
+
+    assert len(reward.update_stats) == len(anchors) == 3
+    assert reward.anchor_forwards == counter.count == 3  # anchor_every=1: one forward per update
+    assert all(s["anchor_set_bt"] > 0 and math.isfinite(s["loss"]) for s in reward.update_stats)
+    logged = [e for e in trainer.state.log_history if "r2m/anchor_set_bt" in e]
+    assert len(logged) == 3 and all(math.isfinite(e["r2m/anchor_set_bt"]) for e in logged)
+    assert [e["r2m/anchor_forwards"] for e in logged] == [1.0, 2.0, 3.0]
+    judged = [judge.score([p, p], [c, r]).rewards for p, c, r in JUDGE_PAIRS]
+    assert all(None not in pair for pair in judged[:2]) and judged[2] == [None, None]
+    chosen, rejected = (torch.tensor([math.nan if p[i] is None else p[i] for p in judged]) for i in (0, 1))
+    for batch in anchors:
+        torch.testing.assert_close(batch.chosen_base, chosen, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(batch.rejected_base, rejected, rtol=0, atol=0, equal_nan=True)
+        assert torch.isfinite(batch.chosen_rte[:2]).all() and torch.isfinite(batch.rejected_rte[:2]).all()
 
 
 def test_anchor_arguments_are_checked():
@@ -92,6 +130,14 @@ def test_anchor_arguments_are_checked():
         build("r2m", anchor_pairs=PAIRS)
     with pytest.raises(ValueError, match="mode 'anchored' learns from labels"):
         build()
+
+
+def test_a_judge_that_compares_with_a_dataset_column_cannot_judge_the_anchor_set():
+    from r2m.adapters import RMR1Judge
+
+    judge = RMR1Judge(test_trl_judge.make_judge("rm_r1").backend, mode="anchor", reference_column="reference")
+    with pytest.raises(ValueError, match="anchor_pairs cannot be judged .*reference_column='reference'"):
+        R2MReward(judge, anchor_pairs=PAIRS, config=test_trl_judge.config(mode="anchored"))
 
 
 def test_lab_run_config_checks_the_anchor_set_fields():

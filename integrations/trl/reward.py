@@ -30,11 +30,11 @@ from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
 from r2m.adapters import GenerativeJudge
-from r2m.anchors import AnchorBatch
 from r2m.base import R2MModule
-from r2m.buffer import Rollout, RolloutStore, agree
+from r2m.buffer import Rollout, RolloutStore
 from r2m.capture import CapturedStates
 from r2m.config import LABELLED_MODES, R2MConfig
+from r2m.integrations.trl.anchor_set import AnchorSet, Pair
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
 from r2m.integrations.trl.labels import Labeller, OnPolicyLabels
 from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
@@ -102,13 +102,13 @@ class R2MReward(TrainerCallback):
 
     ``anchor_pairs`` (modes ``anchored`` and ``head_only``; the cheaper alternative to a labeller, and either or both
     may be given): a small fixed set of (prompt, chosen, rejected) preference pairs, texts or conversations as the
-    dataset's prompts and the completions are. Their RTEs are computed once when training begins (the RM is frozen);
-    in ``anchored`` the policy's states of the 2P sequences (prompt ids as the trainer builds them, then the
-    response's ids without special tokens and EOS) come from one no-grad forward through the trainer's model every
-    ``anchor_every`` R2M updates, cached in between; ``head_only`` runs none. Each update adds
-    ``R2MConfig.anchor_weight`` x their Bradley-Terry loss (`r2m.AnchorBatch`). Logged as ``r2m/anchor_set_bt``,
-    ``r2m/anchor_forwards`` (forwards so far, also `anchor_forwards`; not in `extra_forwards` or ``r2m/capture_ms``)
-    and ``r2m/anchor_ms``.
+    dataset's prompts and the completions are (`AnchorSet`). Their RTEs are computed once when training begins (the
+    RM is frozen; a judge judges each pair as a group of its own, and its rewards are their r_base); in ``anchored``
+    the policy's states of the 2P sequences (prompt ids as the trainer builds them, then the response's ids without
+    special tokens and EOS) come from one no-grad forward through the trainer's model every ``anchor_every`` R2M
+    updates, cached in between; ``head_only`` runs none. Each update adds ``R2MConfig.anchor_weight`` x their
+    Bradley-Terry loss (`r2m.AnchorBatch`). Logged as ``r2m/anchor_set_bt``, ``r2m/anchor_forwards`` (forwards so
+    far, also `anchor_forwards`; not in `extra_forwards` or ``r2m/capture_ms``) and ``r2m/anchor_ms``.
 
     After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
     ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
@@ -118,7 +118,7 @@ class R2MReward(TrainerCallback):
                  reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
                  name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None,
                  labeller: Labeller | None = None, label_groups: int | None = None, monitor: bool | None = None,
-                 anchor_pairs: Sequence[tuple[Any, Any, Any]] | None = None, anchor_every: int = 1):
+                 anchor_pairs: Sequence[Pair] | None = None, anchor_every: int = 1):
         if monitor is not None and not isinstance(monitor, bool):
             raise TypeError(f"monitor must be True, False or None, got {monitor!r}")
         self.judge: GenerativeJudge | None = None
@@ -162,11 +162,11 @@ class R2MReward(TrainerCallback):
             raise ValueError(f"labeller is used in modes {LABELLED_MODES} (head_only: the control that gives the RM "
                              f"alone the same labels), not in mode {self.config.mode!r}")
         self.labels = None if labeller is None else OnPolicyLabels(labeller, label_groups)
-        self.anchor_pairs = _check_anchor_pairs(anchor_pairs, anchor_every, self.config.mode)
-        self.anchor_every = anchor_every
-        self._anchor_forwards = self._anchor_updates = 0
-        self._anchor_scored: tuple[Tensor, Tensor | None] | None = None  # RTEs [2P, D_rm], judge rewards [2P]
-        self._anchor_states: CapturedStates | None = None
+        if anchor_pairs is not None and getattr(self.judge, "reference_column", None) is not None:
+            raise ValueError(f"anchor_pairs cannot be judged by a judge that compares with a dataset column "
+                             f"(reference_column={self.judge.reference_column!r}): the anchor pairs have no dataset "
+                             f"columns; use a judge without reference_column")
+        self.anchors = None if anchor_pairs is None else AnchorSet(anchor_pairs, anchor_every, self.config.mode)
         self.monitor = self.config.uses_fusion if monitor is None else monitor
         self.reward_model = model
         self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
@@ -258,7 +258,7 @@ class R2MReward(TrainerCallback):
     @property
     def anchor_forwards(self) -> int:
         """No-grad policy forwards R2M ran for the anchor set's states (one per refresh; none in ``head_only``)."""
-        return self._anchor_forwards
+        return 0 if self.anchors is None else self.anchors.forwards
 
     @property
     def stored_hidden_bytes(self) -> int:
@@ -319,7 +319,8 @@ class R2MReward(TrainerCallback):
         self.r2m.total_steps = self.config.total_steps or state.max_steps
         self._store.clear()
         self._micro_steps, self._calls = 0, 0
-        self._prepare_anchors()
+        if self.anchors is not None:
+            self.anchors.prepare(self._score_pairs)
         if self._resume_dir is None and state.global_step > 0:
             self._resume_dir = find_checkpoint(args, state)
         if self._resume_dir is not None:
@@ -363,22 +364,32 @@ class R2MReward(TrainerCallback):
             return wrap(self.judge if self.judge is not None else self.reward_model, policy_dim, self.config)
 
     def _score(self, prompts: list, completions: list, log_extra: Callable[[str, list], None] | None,
-               log_metric: Callable[[str, float], None] | None, columns: dict[str, Any]
-               ) -> tuple[Tensor, Tensor | None]:
+               log_metric: Callable[[str, float], None] | None, columns: dict[str, Any],
+               judge: GenerativeJudge | None = None) -> tuple[Tensor, Tensor | None]:
         """RTEs [B, D_rm] and, for a judge, its rewards [B] (NaN where it gave none): one reward-model forward or
-        one judge call."""
+        one call of ``judge`` (default: ours)."""
         if self.judge is None:
             encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt",
                                      padding=True, padding_side="right", add_special_tokens=False)
             with _pad_token_id(self.reward_model, self.tokenizer.pad_token_id):
                 return self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]), None
-        result = self.judge.score(prompts, completions, **columns)
-        self.judge.log(result, log_extra, log_metric)
+        judge = self.judge if judge is None else judge
+        result = judge.score(prompts, completions, **columns)
+        judge.log(result, log_extra, log_metric)
         base_rewards = torch.tensor([math.nan if r is None else float(r) for r in result.rewards])
         if result.rte is None:
             logger.warning("R2M: the judge returned no hidden states for this batch; its rewards are used as they are")
             return torch.full((len(prompts), self.r2m.rm_dim), math.nan), base_rewards
         return result.rte, base_rewards
+
+    def _score_pairs(self, prompts: list, responses: list) -> tuple[Tensor, Tensor | None]:
+        """`_score` of rows in preference pairs (the anchor set's): a judge judges each pair as a group of its own,
+        the two compared, also where consecutive pairs share a prompt."""
+        judge = None
+        if self.judge is not None:
+            judge = copy.copy(self.judge)
+            judge.group_size = 2
+        return self._score(prompts, responses, None, None, {}, judge)
 
     def _reward_texts(self, prompts: list, completions: list) -> list[str]:
         if is_conversational({"prompt": prompts[0]}):
@@ -412,7 +423,9 @@ class R2MReward(TrainerCallback):
     def _update(self, rollout: Rollout) -> None:
         scored: _Scored = rollout.payload
         hidden, cu_seqlens = _packed(rollout.states if self.config.uses_fusion else None)
-        anchor, anchor_seconds = self._anchor_batch()
+        anchor, anchor_seconds = (None, 0.0) if self.anchors is None else self.anchors.batch(
+            self._source if self.config.uses_fusion else None, getattr(self._log_metric, "__self__", None),
+            self.r2m.policy_dim)
         stats = self.r2m.update(scored.rte, hidden, None, scored.rewards, self._group_size, scored.step,
                                 cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards, labels=scored.labels,
                                 anchor=anchor)
@@ -421,65 +434,9 @@ class R2MReward(TrainerCallback):
         metrics = {f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats}
         if anchor is not None:
             metrics.update({"r2m/anchor_set_bt": float(stats["anchor_set_bt"]),
-                            "r2m/anchor_forwards": float(self._anchor_forwards),
+                            "r2m/anchor_forwards": float(self.anchors.forwards),
                             "r2m/anchor_ms": 1000 * anchor_seconds})
         self._emit(metrics)
-
-    def _prepare_anchors(self) -> None:
-        """The anchor set's RTEs (and a judge's rewards), once per training run: the reward model is frozen."""
-        self._anchor_states, self._anchor_updates = None, 0
-        if self.anchor_pairs is None:
-            return
-        prompts = [p for p, _, _ in self.anchor_pairs] * 2
-        responses = [c for _, c, _ in self.anchor_pairs] + [r for _, _, r in self.anchor_pairs]
-        parts = [self._score(prompts[i:i + 64], responses[i:i + 64], None, None, {})
-                 for i in range(0, len(prompts), 64)]
-        rte = torch.cat([part[0].to(parts[0][0].device) for part in parts])
-        base = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
-        self._anchor_scored = (rte, base)
-
-    def _anchor_batch(self) -> tuple[AnchorBatch | None, float]:
-        """The anchor set for this update, and the seconds spent refreshing its policy states. In fusion modes the
-        states are recomputed by one no-grad forward of the 2P sequences every ``anchor_every`` updates (all ranks
-        agreeing), and cached in between."""
-        if self.anchor_pairs is None:
-            return None, 0.0
-        if self._anchor_scored is None:
-            self._prepare_anchors()
-        rte, base = self._anchor_scored
-        pairs, seconds = len(self.anchor_pairs), 0.0
-        hidden = cu_seqlens = None
-        if self.config.uses_fusion:
-            due = self._anchor_states is None or self._anchor_updates % self.anchor_every == 0
-            calls = agree(int(due), self._source.device)
-            if calls:
-                trainer = getattr(self._log_metric, "__self__", None)
-                capture = self._source.capture
-                before = capture.seconds
-                self._anchor_states = capture.forward(self._anchor_sequences(trainer), batch_size=2 * pairs,
-                                                      calls=calls, model=getattr(trainer, "model", None))
-                seconds, capture.seconds = capture.seconds - before, before  # not in r2m/capture_ms
-                self._anchor_forwards += calls
-            states = self._anchor_states
-            if states.missing:  # a sequence whose states were not found: its pair is left out
-                rte = rte.clone()
-                rte[states.missing] = math.nan
-            hidden = states.hidden if states.hidden is not None else torch.zeros(0, self.r2m.policy_dim)
-            cu_seqlens = states.cu_seqlens
-        self._anchor_updates += 1
-        return AnchorBatch(rte[:pairs], rte[pairs:], hidden, cu_seqlens, None if base is None else base[:pairs],
-                           None if base is None else base[pairs:]), seconds
-
-    def _anchor_sequences(self, trainer: object) -> list[list[int]]:
-        """The policy's token ids of the anchor set's 2P sequences, chosen then rejected: the prompt's ids as the
-        trainer builds them (`PolicyStateSource.prompt_ids`), the response's text tokenized without special tokens,
-        and the EOS token a finished completion ends with."""
-        prompt_ids = self._source.prompt_ids([p for p, _, _ in self.anchor_pairs], trainer)
-        tokenizer = getattr(self._source.tokenizer, "tokenizer", self._source.tokenizer)
-        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        responses = [c for _, c, _ in self.anchor_pairs] + [r for _, _, r in self.anchor_pairs]
-        response_ids = tokenizer(text=[_response_text(r) for r in responses], add_special_tokens=False)["input_ids"]
-        return [list(p) + list(r) + eos for p, r in zip(prompt_ids * 2, response_ids, strict=True)]
 
     def _emit(self, metrics: dict[str, float]) -> None:
         """Update metrics go into the metrics of the trainer that handed us ``log_metric``, for its coming log; a
@@ -490,47 +447,6 @@ class R2MReward(TrainerCallback):
                 store["train"][key].append(value)
             elif self._log_metric is not None:
                 self._queued_metrics[key].append(value)
-
-
-def _check_anchor_pairs(pairs: Sequence[tuple[Any, Any, Any]] | None, every: int,
-                        mode: str) -> list[tuple[Any, Any, Any]] | None:
-    """``anchor_pairs`` as a list of (prompt, chosen, rejected), after checking it and ``anchor_every``."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"anchor_every must be an int >= 1 (R2M updates per refresh of the anchor set's policy "
-                         f"states), got {every!r}")
-    if pairs is None:
-        return None
-    if mode not in LABELLED_MODES:
-        raise ValueError(f"anchor_pairs is used in modes {LABELLED_MODES} (head_only: the control that gives the RM "
-                         f"alone the same anchor set), not in mode {mode!r}")
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise TypeError(f"anchor_pairs must be a sequence of (prompt, chosen, rejected) tuples, got "
-                        f"{type(pairs).__name__}")
-    if not pairs:
-        raise ValueError("anchor_pairs is empty: give at least one (prompt, chosen, rejected) pair, or None")
-    checked, kinds = [], set()
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 3:
-            raise ValueError(f"anchor_pairs[{i}] must be a (prompt, chosen, rejected) tuple, got {pair!r:.100}")
-        conversational = [_is_messages(part) for part in pair]
-        if not (all(isinstance(part, str) for part in pair) or all(conversational)):
-            raise ValueError(f"anchor_pairs[{i}] must hold three texts, or three conversations (lists of "
-                             f"{{'role', 'content'}} messages with text content), got "
-                             f"{tuple(type(part).__name__ for part in pair)}")
-        kinds.add(all(conversational))
-        checked.append(tuple(pair))
-    if len(kinds) > 1:
-        raise ValueError("anchor_pairs mixes texts and conversations: give one kind, as the dataset's prompts are")
-    return checked
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
-
-
-def _response_text(response: str | list[dict[str, Any]]) -> str:
-    """A response's text: the text itself, or the content of a conversation's messages."""
-    return response if isinstance(response, str) else "".join(m["content"] for m in response)
 
 
 def _load_whole(path: str | os.PathLike, init_kwargs: dict[str, Any]) -> nn.Module:
