@@ -1,6 +1,6 @@
 """`r2m bench lab`: reward over-optimisation in a world with a known gold reward (see `r2m.lab`).
 
-Per seed the lab builds the world (its proxy reward model), the initial policy (SFT-pretrained on gold-good
+Per seed the lab builds the world (its proxy reward model), the initial policy (SFT-pretrained on data
 responses, cached under ``--cache-dir``; ``--random-init`` for the untrained one) and checks the paper's premise on
 it (`r2m.lab.premise_check`). Then every variant trains the same initial policy with TRL's GRPOTrainer against the
 proxy wrapped by R2M in the variant's mode, on the same prompts, so that runs pair by seed.
@@ -37,10 +37,11 @@ from r2m.integrations.trl.lab_grpo import LabRunConfig, initial_policy, train_va
 from r2m.lab import LabConfig, LabWorld, PretrainConfig, premise_check
 from r2m.reward_model import R2MRewardModel
 
-VARIANTS = ("vanilla", "r2m", "frozen:fusion_init=random", "r2m:fusion_init=random", "noise", "head_only", "no_bt",
-            "no_gre", "r2m:r2m_lr=1e-5", "r2m:r2m_lr=1e-3", "anchored:label_groups=2", "head_only:label_groups=2")
+VARIANTS = ("vanilla", "r2m", "r2m:fused_scale=base_spread", "r2m:r2m_lr=1e-3",
+            "r2m:r2m_lr=1e-3:fused_scale=base_spread", "anchored:label_groups=2", "head_only:label_groups=2",
+            "anchored:anchor_pairs=64", "head_only:anchor_pairs=64")
 QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,r2m"}
-DEFAULTS = {"seeds": 5, "steps": 300, "variants": ",".join(VARIANTS)}
+DEFAULTS = {"seeds": 10, "steps": 300, "variants": ",".join(VARIANTS)}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
 PAIRED_METRICS = ("gold_end", "gold_peak", "gold_at_kl", "gold_auc_kl")
 GOLD_MIN_FALL = 0.02  # a run's gold has fallen when its last window is this far below its peak
@@ -412,6 +413,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "SFT-pretrained one")
     p.add_argument("--sft-examples", type=int, default=run.sft.examples, help="prompts of the pretraining stage")
     p.add_argument("--sft-epochs", type=int, default=run.sft.epochs, help="epochs of the pretraining stage")
+    p.add_argument("--sft-best-of", type=int, default=run.sft.best_of,
+                   help="each pretraining response is the best by gold of this many data responses (1: plain data)")
     p.add_argument("--cache-dir", default="out/lab-cache", help="where initial policies are kept")
     p.add_argument("--spurious-word", default="w0")
     p.add_argument("--spurious-penalty", type=float, default=1.0)
@@ -428,7 +431,8 @@ def world_and_run(options: argparse.Namespace, seed: int) -> tuple[LabWorld, Lab
     run = LabRunConfig(steps=options.steps, seed=seed, groups=options.groups, generations=options.generations,
                        temperature=options.temperature, policy_lr=options.policy_lr, beta=options.beta,
                        pretrain=not options.random_init, r2m_lr=options.r2m_lr, alpha=options.alpha,
-                       sft=PretrainConfig(examples=options.sft_examples, epochs=options.sft_epochs),
+                       sft=PretrainConfig(examples=options.sft_examples, epochs=options.sft_epochs,
+                                         best_of=options.sft_best_of),
                        update_steps=options.update_steps, omega_min=options.omega_min,
                        num_iterations=options.num_iterations)
     return world, run

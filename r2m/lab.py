@@ -2,15 +2,15 @@
 
 Prompts are sets of topic words. The gold reward pays for covering the prompt's words and for using many
 different words of the "good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The
-proxy reward model is trained with Bradley-Terry on a small, biased set of gold-labelled pairs in which the
-better response usually carries one spurious word and repeats are rare, so it learns that the spurious word and
-good words as such are good: a policy optimised against it can raise the proxy reward by repeating a good word
+proxy reward model is trained with Bradley-Terry on a biased set of gold-labelled pairs in which the better
+response more often carries one spurious word (65% of pairs by default) and repeats are rare, so it learns that the
+spurious word and good words as such are good: a policy optimised against it can raise the proxy reward by repeating a good word
 or emitting the spurious word while the gold reward falls. Everything is built offline.
 
 The paper's premise (its Section 3) is a *pretrained* policy whose last-layer states carry preference information
-beyond the reward model's semantics: `LabWorld.pretrain` fine-tunes a policy on gold-good responses, and
-`premise_check` measures the premise on gold-labelled pairs (class similarity of the pooled states, a linear probe
-against the proxy reward model).
+beyond the reward model's semantics: `LabWorld.pretrain` fine-tunes a policy on data responses (optionally the best
+of n by gold), and `premise_check` measures the premise on gold-labelled pairs (class similarity of the pooled
+states, a linear probe against the proxy reward model).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class LabConfig:
     response_words: int = 8
     spurious_word: str = "w0"
     spurious_penalty: float = 1.0
-    rm_pairs: int = 512
-    rm_bias: float = 0.8
+    rm_pairs: int = 2048
+    rm_bias: float = 0.65
     rm_hidden_size: int = 32
     rm_epochs: int = 25
     rm_lr: float = 3e-3
@@ -57,10 +57,12 @@ class LabConfig:
 @dataclass
 class PretrainConfig:
     """Supervised fine-tuning that makes the lab's policy a pretrained one: each training response is the best, by
-    gold reward, of ``best_of`` data-distribution responses to its prompt (rejection-sampling SFT)."""
+    gold reward, of ``best_of`` data-distribution responses to its prompt (rejection-sampling SFT; 1, the default:
+    plain data-distribution responses, so that the policy starts where the proxy still ranks its samples better
+    than chance and gold can first rise)."""
 
     examples: int = 8192
-    best_of: int = 4
+    best_of: int = 1
     epochs: int = 5
     batch_size: int = 64
     lr: float = 3e-3
@@ -157,8 +159,8 @@ class LabWorld:
         return ids, attention, response
 
     def pretrain(self, policy: PreTrainedModel, config: PretrainConfig, seed: int) -> list[float]:
-        """Fine-tune ``policy`` in place on gold-good responses (next-token loss on the response tokens only);
-        returns the mean loss per epoch."""
+        """Fine-tune ``policy`` in place on data responses, each the best of ``config.best_of`` by gold (next-token
+        loss on the response tokens only); returns the mean loss per epoch."""
         prompts = self.prompts(config.examples, seed=20_000 + seed)
         ids, attention, response = self.encode_responses(prompts, self.good_responses(prompts, config.best_of, seed))
         labels = ids.masked_fill(~response, -100)

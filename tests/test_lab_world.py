@@ -9,7 +9,7 @@ from r2m.lab import LabConfig, LabWorld
 
 @pytest.fixture(scope="module")
 def world():
-    return LabWorld(LabConfig(rm_pairs=256, rm_epochs=12))
+    return LabWorld(LabConfig(rm_pairs=256, rm_epochs=12, rm_bias=0.8))
 
 
 def test_gold_reward_by_hand(world):

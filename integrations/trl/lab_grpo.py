@@ -1,6 +1,6 @@
 """GRPO in the lab world of `r2m.lab`: the training that `r2m bench lab`, `r2m bench accuracy` and `r2m demo` run.
 
-A tiny policy, SFT-pretrained on gold-good responses (`initial_policy`, cached on disk) or left at its random init,
+A tiny policy, SFT-pretrained on data responses (`initial_policy`, cached on disk) or left at its random init,
 is trained with TRL's GRPOTrainer against the lab's proxy reward model wrapped by `R2MReward` in one of its modes.
 Per step the run records, from the rewards the trainer sees, the gold reward beside the proxy's and the trained
 reward, their within-group spreads, how each ranks the policy's own samples by gold (on-policy accuracy), how often
@@ -55,7 +55,7 @@ class LabRunConfig:
     generations: int = 8
     temperature: float = 0.7
     policy_hidden_size: int = 64
-    policy_lr: float = 2e-3
+    policy_lr: float = 5e-4
     beta: float = 0.05
     pretrain: bool = True
     sft: PretrainConfig = field(default_factory=PretrainConfig)
@@ -96,7 +96,7 @@ class LabRunConfig:
 
 def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
     """The saved initial policy of ``run``: a random-init tiny Llama (seeded by ``run.seed``), SFT-pretrained on
-    gold-good responses (`LabWorld.pretrain` with ``run.sft``) when ``run.pretrain``. Built once per world, size,
+    data responses (`LabWorld.pretrain` with ``run.sft``) when ``run.pretrain``. Built once per world, size,
     seed and pretraining config, then read from ``cache_dir``."""
     key = {"world": dataclasses.asdict(world.config), "hidden_size": run.policy_hidden_size, "seed": run.seed,
            "pretrain": dataclasses.asdict(run.sft) if run.pretrain else None}
