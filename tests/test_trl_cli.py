@@ -129,7 +129,8 @@ def test_demo_is_the_quick_lab_and_writes_table_plot_and_curves(tmp_path, capsys
     results = json.loads((tmp_path / "lab.json").read_text())
     assert results["args"]["quick"] is True and results["args"]["seeds"] == 1 and results["args"]["steps"] == 3
     assert set(results["runs"]) == {"vanilla", "r2m"}
-    assert all(len(run["0"]["curve"]) == 3 for run in results["runs"].values())
+    # two policy epochs per generation batch: the 3 steps score batches at steps 1 and 3
+    assert all([r["step"] for r in run["0"]["curve"]] == [1, 3] for run in results["runs"].values())
     assert [row["variant"] for row in results["summary"]] == ["vanilla", "r2m"]
     assert all(row["extra_policy_forwards"] == 0 for row in results["summary"])
     assert (tmp_path / "lab.png").stat().st_size > 0 and (tmp_path / "lab.md").is_file()
