@@ -3,18 +3,20 @@ GREBT plus anchor_weight x the Bradley-Terry loss of the pairs' R2M rewards."""
 
 import copy
 import math
-import os
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import r2m
 from r2m import losses, tiny
+from test_anchored import POLICY_DIM, GROUP, make
 
-POLICY_DIM, RM_DIM, GROUP, PAIRS = 24, 32, 4, 3
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import gloo
+
+RM_DIM, PAIRS = 32, 3
 
 
 def build_rm():
@@ -25,14 +27,6 @@ def build_rm():
 @pytest.fixture
 def reward_model():
     return build_rm()
-
-
-def make(reward_model, **overrides):
-    cfg = r2m.R2MConfig(**{"total_steps": 10, "lr": 1e-2, "attn_dim": 16, "num_heads": 2, "seed": 0,
-                           "mode": "anchored", "anchor_weight": 0.7, "max_grad_norm": None, **overrides})
-    model = r2m.wrap(reward_model, POLICY_DIM, cfg)
-    torch.nn.init.normal_(model.fusion.o_proj.weight, std=0.2)
-    return model
 
 
 def batch(seed, samples=3 * GROUP):
@@ -197,28 +191,17 @@ def state_of(model):
             **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
 
 
-def worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build_model()
-        samples = 2 * GROUP
-        part = slice(rank * samples // world, (rank + 1) * samples // world)
-        stats = run_updates(model, *(t[part] for t in batch(seed=11, samples=samples)), anchor_set(seed=12))
-        torch.save({"state": state_of(model), "stats": stats}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank, world, out_dir):
+    model = build_model()
+    samples = 2 * GROUP
+    part = slice(rank * samples // world, (rank + 1) * samples // world)
+    stats = run_updates(model, *(t[part] for t in batch(seed=11, samples=samples)), anchor_set(seed=12))
+    torch.save({"state": state_of(model), "stats": stats}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.distributed
 def test_two_process_update_with_an_anchor_set_equals_single_process(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn(worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = build_model()
     single_stats = run_updates(single, *batch(seed=11, samples=2 * GROUP), anchor_set(seed=12))

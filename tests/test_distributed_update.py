@@ -1,15 +1,17 @@
 """R2MRewardModel.update on 2 real gloo processes equals the single-process update, bit-identical on both ranks."""
 
-import os
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import r2m
 from r2m import tiny
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import gloo
 
 GROUP_SIZE, SAMPLES, STEPS = 4, 12, 3  # rank 0 holds samples 0-5, rank 1 holds 6-11: group 1 straddles the ranks
 
@@ -38,30 +40,19 @@ def run_updates(model, rte, hidden, mask, rewards):
     return [model.update(rte, hidden, mask, rewards, GROUP_SIZE, step) for step in range(STEPS)]
 
 
-def worker(rank, world, port, out_dir, fused_scale):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build_model(fused_scale)
-        part = slice(rank * SAMPLES // world, (rank + 1) * SAMPLES // world)
-        stats = run_updates(model, *(t[part] for t in build_batch()))
-        state = {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-        torch.save({"state": state, "stats": stats, "world": dist.get_world_size()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank, world, out_dir, fused_scale):
+    model = build_model(fused_scale)
+    part = slice(rank * SAMPLES // world, (rank + 1) * SAMPLES // world)
+    stats = run_updates(model, *(t[part] for t in build_batch()))
+    state = {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    torch.save({"state": state, "stats": stats, "world": dist.get_world_size()}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("fused_scale", ["none", "base_spread"])
 def test_two_process_update_equals_single_process(tmp_path, fused_scale):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path), fused_scale), nprocs=2, join=True)
+    gloo.spawn(worker, 2, str(tmp_path), fused_scale)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
 
