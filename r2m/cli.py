@@ -10,7 +10,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "R2M on the built-in tiny task"),
     "grpo": ("r2m.integrations.trl.cli", "main", "train with TRL's GRPOTrainer and an R2M reward"),
     "rloo": ("r2m.integrations.trl.cli", "main", "train with TRL's RLOOTrainer and an R2M reward"),
-    "bench": ("r2m.benchmarks", "main", "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
+    "bench": ("r2m.benchmarks.{benchmark}", "main",
+              "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
 }
 BENCHMARKS = ("kernel", "overhead", "lab", "accuracy", "openrlhf_traffic")
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest[0] not in BENCHMARKS:
             print(f"r2m bench: unknown benchmark {rest[0]!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
             return 2
-        module_name, rest = f"r2m.benchmarks.{rest[0]}", rest[1:]
+        module_name, rest = module_name.format(benchmark=rest[0]), rest[1:]
     elif command in ("grpo", "rloo"):
         rest = [command, *rest]
     module = importlib.import_module(module_name)

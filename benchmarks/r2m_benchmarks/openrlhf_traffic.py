@@ -7,7 +7,7 @@ data and sample keys) and the pickled message size, for scoring one sample (expe
 update step of the GREBT update.
 
     r2m bench openrlhf_traffic                       # S=1024 valid tokens, D_p=4096, bf16 states, H=1 and 4
-    python benchmarks/openrlhf_traffic.py --seq-len 4096 --heads 1
+    python benchmarks/r2m_benchmarks/openrlhf_traffic.py --seq-len 4096 --heads 1
 """
 
 from __future__ import annotations
