@@ -10,8 +10,8 @@ import pytest
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from r2m import tiny
 from r2m.adapters import OpenAIChatBackend, RMR1Judge, SPCTJudge, TransformersBackend
+from r2m.benchmarks import tiny_models as tiny
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "adapters"))
 import tiny_judge

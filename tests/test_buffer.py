@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 from r2m.buffer import RolloutStore, agree
 from r2m.capture import CapturedStates, HiddenStateCapture
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 from r2m.capture import CapturedStates, HiddenStateCapture, _gather, _valid_but_last, find_backbone
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import r2m
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import gloo

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import r2m
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 
 POLICY_DIM = 16
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from r2m import tiny
-from r2m.lab import (
+from r2m.benchmarks import tiny_models as tiny
+from r2m.benchmarks.lab_world import (
     LabConfig,
     LabWorld,
     class_similarity,

@@ -5,8 +5,8 @@ import statistics
 import pytest
 from transformers import AutoModelForCausalLM
 
-from r2m.integrations.trl.lab_grpo import LabRunConfig, initial_policy
-from r2m.lab import LabConfig, LabWorld, PretrainConfig
+from r2m.benchmarks.lab_grpo import LabRunConfig, initial_policy
+from r2m.benchmarks.lab_world import LabConfig, LabWorld, PretrainConfig
 
 SMALL = PretrainConfig(examples=1024, epochs=4, lr=3e-3)
 

@@ -3,9 +3,8 @@
 import math
 import statistics
 
-import pytest
-
 import numpy as np
+import pytest
 
 from r2m.benchmarks.lab import (
     Variant,
@@ -17,7 +16,7 @@ from r2m.benchmarks.lab import (
     paired_difference,
     t_quantile,
 )
-from r2m.integrations.trl.lab_grpo import bin_steps
+from r2m.benchmarks.lab_grpo import bin_steps
 
 # two-sided 95% critical values of Student's t (any statistics table)
 T_975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105, 9: 2.262157163, 29: 2.045229642}

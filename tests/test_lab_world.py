@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from r2m.lab import LabConfig, LabWorld
+from r2m.benchmarks.lab_world import LabConfig, LabWorld
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ if importlib.util.find_spec("ray") is None or importlib.util.find_spec("openrlhf
 import ray
 
 import r2m
-from r2m.tiny import build_policy, build_reward_model, build_tokenizer
+from r2m.benchmarks.tiny_models import build_policy, build_reward_model, build_tokenizer
 
 STUBS = Path(__file__).parent / "openrlhf_stubs"
 POLICY_DIM, RM_DIM = 32, 24

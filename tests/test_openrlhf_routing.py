@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import r2m
+from r2m.benchmarks.tiny_models import build_policy, build_reward_model, build_tokenizer
 from r2m.buffer import RolloutStore
 from r2m.fusion import attend_torch, pack
 from r2m.integrations.openrlhf.policy_side import (
@@ -21,7 +22,6 @@ from r2m.integrations.openrlhf.policy_side import (
     rows_from_output,
 )
 from r2m.integrations.openrlhf.reward_side import LocalEndpoint, PolicyFeedback, R2MRewardSide
-from r2m.tiny import build_policy, build_reward_model, build_tokenizer
 
 POLICY_DIM, RM_DIM, GROUP, STEP = 16, 12, 4, 3
 ADAM_EPS = 1e-5  # see tests/test_openrlhf_ray.py: keeps the post-Adam weight comparison well conditioned

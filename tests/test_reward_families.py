@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import r2m
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 
 POLICY_DIM = 16
 TEXTS = ["w1 w2 w3 w4 w5 w6", "w7 w8", "w9 w10 w11", "w12", "w13 w14 w15 w16 w17", "w18 w19 w20 w21"]

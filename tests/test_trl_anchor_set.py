@@ -141,7 +141,7 @@ def test_a_judge_that_compares_with_a_dataset_column_cannot_judge_the_anchor_set
 
 
 def test_lab_run_config_checks_the_anchor_set_fields():
-    from r2m.integrations.trl.lab_grpo import LabRunConfig
+    from r2m.benchmarks.lab_grpo import LabRunConfig
 
     assert LabRunConfig(anchor_pairs=64, anchor_every=4).anchor_pairs == 64
     with pytest.raises(ValueError, match="anchor_pairs must be >= 0"):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer, RLOOTrainer
 
 import r2m
-import r2m.tiny
+import r2m.benchmarks.tiny_models
 from r2m.integrations.trl import R2MReward
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -119,7 +119,7 @@ def test_encoder_and_neox_reward_models_score_exactly_their_logits_at_the_start(
     """At t = 0, w = 1: R2M's reward is the wrapped RM's own score of each prompt + completion."""
     policy, policy_tokenizer, _, reward_tokenizer = trl_tiny.models_()
     torch.manual_seed(1)
-    reward_model = r2m.tiny.build_reward_model(reward_tokenizer, rm_family, hidden_size=32).eval()
+    reward_model = r2m.benchmarks.tiny_models.build_reward_model(reward_tokenizer, rm_family, hidden_size=32).eval()
     reward = R2MReward(reward_model, reward_tokenizer, config=r2m.R2MConfig(lr=1e-2, attn_dim=16, seed=0))
     calls = []
 

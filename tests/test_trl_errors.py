@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 from trl import GRPOTrainer
 
 import r2m
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 from r2m.integrations.trl import R2MReward, capture_plan
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))

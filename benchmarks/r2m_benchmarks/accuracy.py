@@ -27,9 +27,9 @@ from r2m.benchmarks.lab import (
     run_once,
     world_and_run,
 )
+from r2m.benchmarks.lab_world import LabWorld
 from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
-from r2m.lab import LabWorld
 
 Pairs = list[tuple[str, str, str]]
 QUICK = {"seeds": 1, "steps": 150, "pairs": 200}

@@ -1,9 +1,9 @@
-"""`r2m bench lab`: reward over-optimisation in a world with a known gold reward (see `r2m.lab`).
+"""`r2m bench lab`: reward over-optimisation in a world with a known gold reward (see `r2m.benchmarks.lab_world`).
 
 Per seed the lab builds the world (its proxy reward model), the initial policy (SFT-pretrained on data
 responses, cached under ``--cache-dir``; ``--random-init`` for the untrained one) and checks the paper's premise on
-it (`r2m.lab.premise_check`). Then every variant trains the same initial policy with TRL's GRPOTrainer against the
-proxy wrapped by R2M in the variant's mode, on the same prompts, so that runs pair by seed.
+it (`r2m.benchmarks.lab_world.premise_check`). Then every variant trains the same initial policy with TRL's
+GRPOTrainer against the proxy wrapped by R2M in the variant's mode, on the same prompts, so that runs pair by seed.
 
 A variant is an R2M mode with optional `LabRunConfig` overrides: ``r2m``, ``r2m:r2m_lr=1e-5``,
 ``frozen:fusion_init=random``. Per variant the table gives gold reward at the end (mean of the last 1/``bins`` of
@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from r2m.benchmarks.lab_grpo import LabRunConfig, initial_policy, train_variant
+from r2m.benchmarks.lab_world import LabConfig, LabWorld, PretrainConfig, premise_check
 from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
 from r2m.config import MODES
-from r2m.integrations.trl.lab_grpo import LabRunConfig, initial_policy, train_variant
-from r2m.lab import LabConfig, LabWorld, PretrainConfig, premise_check
 from r2m.reward_model import R2MRewardModel
 
 VARIANTS = ("vanilla", "r2m", "r2m:fused_scale=base_spread", "r2m:r2m_lr=1e-3",
@@ -419,7 +419,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spurious-word", default="w0")
     p.add_argument("--spurious-penalty", type=float, default=1.0)
     world = LabConfig()
-    p.add_argument("--rm-pairs", type=int, default=world.rm_pairs, help="gold-labelled pairs the proxy RM is trained on")
+    p.add_argument("--rm-pairs", type=int, default=world.rm_pairs,
+                   help="gold-labelled pairs the proxy RM is trained on")
     p.add_argument("--rm-bias", type=float, default=world.rm_bias,
                    help="how often the better response of a training pair carries the spurious word")
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import r2m
+from r2m.benchmarks.tiny_models import build_reward_model, build_tokenizer
 from r2m.integrations.openrlhf.policy_side import PolicyStateStore
 from r2m.integrations.openrlhf.reward_side import (
     ROUTINGS,
@@ -29,7 +30,6 @@ from r2m.integrations.openrlhf.reward_side import (
     R2MRewardSide,
     Traffic,
 )
-from r2m.tiny import build_reward_model, build_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

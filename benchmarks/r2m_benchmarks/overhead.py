@@ -60,15 +60,16 @@ MEMORY_TARGET = 1.1
 
 def build_models(preset: str, seed: int, with_policy: bool = True) -> tuple:
     """(tokenizer, policy or None, reward model) of a preset, random-init from configs."""
-    from r2m import tiny
+    from r2m.benchmarks import tiny_models
 
     p = PRESETS[preset]
-    tokenizer = tiny.build_tokenizer(p["vocab_words"])
+    tokenizer = tiny_models.build_tokenizer(p["vocab_words"])
     torch.manual_seed(seed)
-    policy = (tiny.build_policy(tokenizer, "llama", p["policy_hidden"], p["policy_layers"], **p["architecture"])
+    policy = (tiny_models.build_policy(tokenizer, "llama", p["policy_hidden"], p["policy_layers"], **p["architecture"])
               if with_policy else None)
     torch.manual_seed(seed + 1)
-    reward_model = tiny.build_reward_model(tokenizer, "llama", p["rm_hidden"], p["rm_layers"], **p["architecture"])
+    reward_model = tiny_models.build_reward_model(tokenizer, "llama", p["rm_hidden"], p["rm_layers"],
+                                                  **p["architecture"])
     return tokenizer, policy, reward_model
 
 

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig, RLOOConfig
 
-from r2m import tiny
+from r2m.benchmarks import tiny_models as tiny
 from r2m.capture import CACHE_ARGUMENTS
 
 VOCAB_WORDS = 60

@@ -4,8 +4,8 @@ Prompts are sets of topic words. The gold reward pays for covering the prompt's 
 different words of the "good" half of the vocabulary (odd-numbered words), and penalises a spurious word. The
 proxy reward model is trained with Bradley-Terry on a biased set of gold-labelled pairs in which the better
 response more often carries one spurious word (65% of pairs by default) and repeats are rare, so it learns that the
-spurious word and good words as such are good: a policy optimised against it can raise the proxy reward by repeating a good word
-or emitting the spurious word while the gold reward falls. Everything is built offline.
+spurious word and good words as such are good: a policy optimised against it can raise the proxy reward by repeating a
+good word or emitting the spurious word while the gold reward falls. Everything is built offline.
 
 The paper's premise (its Section 3) is a *pretrained* policy whose last-layer states carry preference information
 beyond the reward model's semantics: `LabWorld.pretrain` fine-tunes a policy on data responses (optionally the best
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from r2m import tiny
+from r2m.benchmarks import tiny_models
 from r2m.losses import bt_loss
 
 
@@ -78,7 +78,7 @@ class LabWorld:
 
     def __init__(self, config: LabConfig | None = None):
         self.config = config or LabConfig()
-        self.tokenizer: PreTrainedTokenizerFast = tiny.build_tokenizer(self.config.vocab_words)
+        self.tokenizer: PreTrainedTokenizerFast = tiny_models.build_tokenizer(self.config.vocab_words)
         self.words = [f"w{i}" for i in range(self.config.vocab_words) if f"w{i}" != self.config.spurious_word]
         self.good_words = frozenset(word for word in self.words if int(word[1:]) % 2)
         if len(self.words) == self.config.vocab_words:
@@ -200,7 +200,7 @@ class LabWorld:
         cfg = self.config
         pairs = self.preference_pairs(cfg.rm_pairs, cfg.seed) if pairs is None else pairs
         torch.manual_seed(cfg.seed)
-        model = tiny.build_reward_model(self.tokenizer, "llama", hidden_size=cfg.rm_hidden_size)
+        model = tiny_models.build_reward_model(self.tokenizer, "llama", hidden_size=cfg.rm_hidden_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.rm_lr)
         chosen = self._encode([self.reward_text(p, c) for p, c, _ in pairs])
         rejected = self._encode([self.reward_text(p, r) for p, _, r in pairs])

@@ -1,4 +1,5 @@
-"""GRPO in the lab world of `r2m.lab`: the training that `r2m bench lab`, `r2m bench accuracy` and `r2m demo` run.
+"""GRPO in the lab world of `r2m.benchmarks.lab_world`: the training that `r2m bench lab`, `r2m bench accuracy`
+and `r2m demo` run.
 
 A tiny policy, SFT-pretrained on data responses (`initial_policy`, cached on disk) or left at its random init,
 is trained with TRL's GRPOTrainer against the lab's proxy reward model wrapped by `R2MReward` in one of its modes.
@@ -25,15 +26,15 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from r2m import tiny
+from r2m.benchmarks import tiny_models
+from r2m.benchmarks.lab_world import LabWorld, PretrainConfig, ranking_agreement
 from r2m.config import R2MConfig
 from r2m.integrations.trl.reward import R2MReward
-from r2m.lab import LabWorld, PretrainConfig, ranking_agreement
 
 
 @dataclass
 class LabRunConfig:
-    """One GRPO run in the lab world. Defaults follow the paper's regime where the lab can (SPEC 2.6): K = 8
+    """One GRPO run in the lab world. Defaults follow the paper's regime where the lab can (its Sec. 5 set-up): K = 8
     responses per prompt, Omega 0.6, alpha 0.3, T = the run's steps, temperature 0.7, KL beta 0.05 (RLOO's).
 
     ``groups``: prompts per policy update (and per R2M update). ``pretrain``: start from the policy SFT-pretrained
@@ -105,7 +106,7 @@ def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(run.seed)
-    policy = tiny.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size)
+    policy = tiny_models.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size)
     losses = world.pretrain(policy, run.sft, run.seed) if run.pretrain else []
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -152,14 +153,14 @@ class Recorder:
 
 
 class UpdateSize(TrainerCallback):
-    """The relative change ||after - before|| / ||before|| of the R2M head and fusion weights over each policy step in
-    which an R2M update ran (0 in the modes that train nothing). List it after the `R2MReward` in ``callbacks``."""
+    """The relative change ||after - before|| / ||before|| of the R2M head and fusion weights over each policy step
+    (0 where no R2M update ran, and in the modes that train nothing), from the weights alone: it reads nothing the
+    reward keeps about its updates. The lab keeps the steps whose logs hold an R2M update (``r2m/loss``)."""
 
     def __init__(self, reward: R2MReward):
         self.reward = reward
         self.rows: dict[int, dict[str, float]] = {}
         self._before: dict[str, torch.Tensor] = {}
-        self._updates = 0
 
     def _weights(self) -> dict[str, torch.Tensor]:
         r2m = self.reward.r2m_model
@@ -167,11 +168,9 @@ class UpdateSize(TrainerCallback):
                 for name, module in (("head", r2m.head), ("fusion", r2m.fusion))}
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._before, self._updates = self._weights(), len(self.reward.update_stats)
+        self._before = self._weights()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if len(self.reward.update_stats) == self._updates:
-            return
         after = self._weights()
         self.rows[state.global_step] = {
             f"update_{name}": float((after[name] - before).norm() / before.norm().clamp_min(1e-12))
