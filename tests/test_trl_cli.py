@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_optional_fields_take_none_on_the_command_line(tmp_path):
     config = r2m_args.to_config()
     assert (config.max_grad_norm, config.seed, config.total_steps) == (None, None, 7)
     with pytest.raises(SystemExit):
-        cli.make_parser("grpo").parse_args_and_config(argv[:-6] + ["--r2m_lr", "None"])  # lr takes no None
+        cli.make_parser("grpo").parse_args_and_config([*argv[:-6], "--r2m_lr", "None"])  # lr takes no None
 
 
 def test_a_new_config_field_reaches_the_flags_without_edits():
@@ -134,3 +135,97 @@ def test_demo_is_the_quick_lab_and_writes_table_plot_and_curves(tmp_path, capsys
     assert [row["variant"] for row in results["summary"]] == ["vanilla", "r2m"]
     assert all(row["extra_policy_forwards"] == 0 for row in results["summary"])
     assert (tmp_path / "lab.png").stat().st_size > 0 and (tmp_path / "lab.md").is_file()
+
+
+def usage_error(argv: list[str], capsys, monkeypatch) -> str:
+    """Run the CLI on a mistake: exit status 2, one message (after any progress bar of `datasets`), no traceback,
+    no model loaded."""
+    monkeypatch.setattr(cli, "R2MReward", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    messages = [line for line in err.splitlines() if line.startswith("r2m ")]
+    assert len(messages) == 1 and err.endswith(messages[0]) and "Traceback" not in err, err
+    return messages[0]
+
+
+def base_argv(files, kind="grpo", dataset="prompts.jsonl"):
+    return [kind, "--model_name_or_path", str(files / "policy"), "--reward_model_path", str(files / "rm"),
+            "--dataset_path", str(files / dataset), "--output_dir", str(files / "out")]
+
+
+def replace_flag(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def test_a_missing_model_path_names_its_flag(local_files, capsys, monkeypatch):
+    for flag in ("--reward_model_path", "--model_name_or_path"):
+        err = usage_error(replace_flag(base_argv(local_files), flag, "./nope"), capsys, monkeypatch)
+        assert err == f"r2m grpo: {flag} './nope' does not exist (expected a local model directory)"
+    (local_files / "empty").mkdir()
+    err = usage_error(replace_flag(base_argv(local_files), "--reward_model_path", str(local_files / "empty")),
+                      capsys, monkeypatch)
+    assert "--reward_model_path" in err and "config.json" in err
+
+
+def test_a_reward_model_given_as_the_policy_and_the_reverse_are_refused(local_files, capsys, monkeypatch):
+    swapped = replace_flag(replace_flag(base_argv(local_files), "--model_name_or_path", str(local_files / "rm")),
+                           "--reward_model_path", str(local_files / "policy"))
+    err = usage_error(swapped, capsys, monkeypatch)
+    assert "--model_name_or_path" in err and "holds a reward model (LlamaForSequenceClassification)" in err
+    err = usage_error(replace_flag(base_argv(local_files), "--reward_model_path", str(local_files / "policy")),
+                      capsys, monkeypatch)
+    assert "--reward_model_path" in err and "GPT2LMHeadModel" in err and "ForSequenceClassification" in err
+
+
+def test_a_dataset_without_a_prompt_column_is_refused_before_training(local_files, capsys, monkeypatch):
+    (local_files / "texts.jsonl").write_text('{"text": "w1 w2"}\n')
+    err = usage_error(base_argv(local_files, dataset="texts.jsonl"), capsys, monkeypatch)
+    assert "--dataset_path" in err and "'prompt'" in err and "['text']" in err
+    err = usage_error(base_argv(local_files, dataset="nope.jsonl"), capsys, monkeypatch)
+    assert "--dataset_path" in err and "does not exist" in err
+    err = usage_error([*base_argv(local_files), "--dataset_train_split", "dev"], capsys, monkeypatch)
+    assert "--dataset_train_split 'dev'" in err and "['train']" in err
+
+
+def test_an_unknown_flag_gets_the_nearest_known_one(local_files, capsys, monkeypatch):
+    err = usage_error([*base_argv(local_files), "--r2m_omga_min", "0.5"], capsys, monkeypatch)
+    assert "--r2m_omga_min (did you mean --r2m_omega_min?)" in err
+    err = usage_error([*base_argv(local_files), "--no_such_thing", "1"], capsys, monkeypatch)
+    assert "--no_such_thing" in err and "did you mean" not in err
+
+
+def test_an_r2m_value_out_of_range_names_the_flag_the_user_typed(local_files, capsys, monkeypatch):
+    err = usage_error([*base_argv(local_files), "--r2m_omega_min", "2"], capsys, monkeypatch)
+    assert "--r2m_omega_min" in err and "R2MConfig" not in err and "2" in err
+
+
+def test_config_file_mistakes_name_the_key(local_files, capsys, monkeypatch):
+    config = local_files / "run.yaml"
+    config.write_text("r2m_omga_min: 0.5\n")
+    err = usage_error([*base_argv(local_files), "--config", str(config)], capsys, monkeypatch)
+    assert "in the --config file" in err and "r2m_omga_min (did you mean r2m_omega_min?)" in err
+    err = usage_error([*base_argv(local_files), "--config", str(local_files / "nope.yaml")], capsys, monkeypatch)
+    assert "--config expects a YAML file" in err
+
+
+def test_precision_follows_the_hardware_unless_given(tmp_path, monkeypatch):
+    argv = ["--reward_model_path", "rm", "--dataset_path", "data", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(cli, "is_torch_bf16_gpu_available", lambda: False)
+    assert cli.parse_arguments("grpo", argv)[2].bf16 is False
+    with pytest.raises(cli.UsageError, match="bf16"):  # asked for explicitly on a machine without bf16: TRL says why
+        cli.parse_arguments("grpo", [*argv, "--bf16", "True"])
+    assert cli.parse_arguments("rloo", [*argv, "--bf16", "True", "--use_cpu"])[2].bf16 is True
+    config = tmp_path / "run.yaml"
+    config.write_text("use_cpu: true\nbf16: true\n")
+    assert cli.parse_arguments("grpo", [*argv, "--config", str(config)])[2].bf16 is True
+    monkeypatch.setattr(cli, "is_torch_bf16_gpu_available", lambda: True)
+    assert cli.hardware_defaults() == {}  # TRL's own default (bf16) where a GPU supports it
+
+
+def test_the_command_line_exits_2_without_a_traceback(local_files):
+    done = subprocess.run([sys.executable, "-m", "r2m", *base_argv(local_files), "--r2m_omga_min", "0.5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("r2m grpo: unknown flag on the command line")

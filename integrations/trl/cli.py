@@ -8,13 +8,22 @@ LoRA flags ...) are accepted as in TRL's own CLI (``--config file.yaml`` too), p
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import os
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOConfig, RLOOTrainer, TrlParser, get_peft_config
 
 from r2m.config import R2MConfig, config_flags
@@ -22,6 +31,9 @@ from r2m.integrations.trl.reward import R2MReward
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CAUSAL_LMS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+SEQUENCE_CLASSIFIERS = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 
 @dataclass
@@ -76,6 +88,102 @@ def make_parser(kind: str) -> TrlParser:
     return parser
 
 
+class UsageError(Exception):
+    """A mistake in the command line or its config file: reported in one line naming the flag, exit status 2."""
+
+
+def hardware_defaults() -> dict[str, bool]:
+    """Training precision from the hardware found: TRL's configs default to bf16, which refuses to start where no
+    accelerator supports it (a CPU machine). A value given on the command line or in ``--config`` wins."""
+    return {} if is_torch_bf16_gpu_available() else {"bf16": False}
+
+
+def close_flag(flag: str, known: Sequence[str]) -> str:
+    """`` (did you mean --x?)`` for the nearest known flag, or nothing."""
+    match = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def unknown_flags_error(strings: Sequence[str], known: Sequence[str], source: str) -> UsageError:
+    flags = [s for s in strings if s.startswith("-")] or list(strings)
+    described = "; ".join(f"{flag}{close_flag(flag, known)}" for flag in flags)
+    return UsageError(f"unknown {'flag' if len(flags) == 1 else 'flags'} {source}: {described}")
+
+
+def parse_arguments(kind: str, args: list[str]):
+    """(script, r2m, training, model) arguments and the R2MConfig, or a `UsageError` naming the flag at fault."""
+    parser = make_parser(kind)
+    parser.set_defaults(**hardware_defaults())
+    if "--config" in args:
+        position = args.index("--config") + 1
+        if position == len(args) or not Path(args[position]).is_file():
+            given = repr(args[position]) if position < len(args) else "nothing"
+            raise UsageError(f"--config expects a YAML file of flags, got {given}")
+    known = [option for action in parser._actions for option in action.option_strings]
+    try:
+        *parsed, config_unknown, cli_unknown = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True)
+    except ValueError as error:  # TRL's and transformers' config checks, a malformed --config file
+        raise UsageError(str(error)) from None
+    if cli_unknown:
+        raise unknown_flags_error(cli_unknown, known, "on the command line")
+    if config_unknown:
+        keys = [s.removeprefix("--") for s in config_unknown if s.startswith("--")]
+        raise unknown_flags_error(keys, [o.removeprefix("--") for o in known], "in the --config file")
+    script, r2m_args, training_args, model_args = parsed
+    try:
+        r2m_config = r2m_args.to_config()
+    except (TypeError, ValueError) as error:
+        raise UsageError(re.sub(r"R2MConfig\.(\w+)", r"--r2m_\1", str(error))) from None
+    return script, r2m_args, training_args, model_args, r2m_config
+
+
+def architectures(flag: str, path: str | None) -> list[str] | None:
+    """The model classes a local checkpoint names (None for a PEFT adapter), or a `UsageError` naming ``flag``."""
+    if path is None:
+        raise UsageError(f"{flag} (a local directory) is required")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path!r} does not exist (expected a local model directory)")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return None
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{flag} {path!r} holds no config.json (expected a directory written by save_pretrained)")
+    config = AutoConfig.from_pretrained(folder)
+    return list(config.architectures or []) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")]
+
+
+def require_tokenizer(flag: str, path: str, hint: str) -> None:
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{flag} {path!r} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}){hint}")
+
+
+def check_models(script: R2MScriptArguments, model_args: ModelConfig) -> None:
+    """Refuse, before anything is loaded, a policy or reward model that is missing or of the wrong kind."""
+    policy = architectures("--model_name_or_path", model_args.model_name_or_path)
+    if policy is not None and not set(policy) & CAUSAL_LMS:
+        found = "a reward model" if set(policy) & SEQUENCE_CLASSIFIERS else "a model"
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path!r} holds {found} ({', '.join(policy)});"
+                         " expected a causal LM policy (*ForCausalLM)")
+    if policy is not None:
+        require_tokenizer("--model_name_or_path", model_args.model_name_or_path, "")
+    reward = architectures("--reward_model_path", script.reward_model_path)
+    if reward is None or not set(reward) & SEQUENCE_CLASSIFIERS:
+        raise UsageError(f"--reward_model_path {script.reward_model_path!r} holds "
+                         f"{', '.join(reward) if reward else 'a PEFT adapter'}; expected a *ForSequenceClassification "
+                         "reward model with num_labels=1")
+    labels = AutoConfig.from_pretrained(script.reward_model_path).num_labels
+    if labels != 1:
+        raise UsageError(f"--reward_model_path {script.reward_model_path!r} has num_labels={labels}; a reward model "
+                         "scores with one logit (num_labels=1)")
+    if script.reward_tokenizer_path is None:
+        require_tokenizer("--reward_model_path", script.reward_model_path, "; pass --reward_tokenizer_path")
+    else:
+        if not Path(script.reward_tokenizer_path).is_dir():
+            raise UsageError(f"--reward_tokenizer_path {script.reward_tokenizer_path!r} does not exist")
+        require_tokenizer("--reward_tokenizer_path", script.reward_tokenizer_path, "")
+
+
 def load_local_dataset(path: str) -> DatasetDict:
     """A local file or directory as a DatasetDict (a single split becomes ``train``)."""
     source = Path(path)
@@ -92,42 +200,64 @@ def load_local_dataset(path: str) -> DatasetDict:
     return DatasetDict({"train": data}) if isinstance(data, Dataset) else data
 
 
+def training_splits(script: R2MScriptArguments, evaluate: bool) -> tuple[Dataset, Dataset | None]:
+    """The train (and eval) split, each checked for the ``prompt`` column the trainers read."""
+    try:
+        dataset = load_local_dataset(script.dataset_path)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    splits = [("--dataset_train_split", script.dataset_train_split)]
+    splits += [("--dataset_test_split", script.dataset_test_split)] if evaluate else []
+    for flag, split in splits:
+        if split not in dataset:
+            raise UsageError(f"{flag} {split!r} is not a split of --dataset_path {script.dataset_path!r} "
+                             f"(it has {list(dataset)})")
+        if "prompt" not in dataset[split].column_names:
+            raise UsageError(f"--dataset_path {script.dataset_path!r}: split {split!r} has columns "
+                             f"{dataset[split].column_names}; the trainer needs a 'prompt' column")
+    return dataset[script.dataset_train_split], dataset[script.dataset_test_split] if evaluate else None
+
+
 def import_reward_func(dotted: str):
     module_path, _, name = dotted.rpartition(".")
     if not module_path:
-        raise ValueError(f"--reward_funcs {dotted!r} is not a dotted import path (module.function)")
+        raise UsageError(f"--reward_funcs {dotted!r} is not a dotted import path (module.function)")
     sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module_path), name)
+    try:
+        function = getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"--reward_funcs {dotted!r} cannot be imported: {error}") from None
+    if not callable(function):
+        raise UsageError(f"--reward_funcs {dotted!r} is not callable")
+    return function
 
 
 def main(argv: list[str]) -> int:
-    """``argv[0]`` is ``grpo`` or ``rloo``; the rest are flags."""
+    """``argv[0]`` is ``grpo`` or ``rloo``; the rest are flags. A usage mistake exits with status 2 and one line
+    naming the flag, before any model is loaded."""
     if not argv or argv[0] not in TRAINERS:
         print(f"usage: r2m {{{','.join(TRAINERS)}}} [flags]  (r2m grpo --help lists them)", file=sys.stderr)
         return 2
     kind = argv[0]
-    script, r2m_args, training_args, model_args = make_parser(kind).parse_args_and_config(argv[1:])
-    if model_args.model_name_or_path is None:
-        raise SystemExit(f"r2m {kind}: --model_name_or_path (a local policy directory) is required")
-    dataset = load_local_dataset(script.dataset_path)
-    if script.dataset_train_split not in dataset:
-        raise SystemExit(f"r2m {kind}: split {script.dataset_train_split!r} not in the dataset ({list(dataset)})")
+    try:
+        script, _, training_args, model_args, r2m_config = parse_arguments(kind, argv[1:])
+        check_models(script, model_args)
+        train_split, eval_split = training_splits(script, evaluate=training_args.eval_strategy != "no")
+        extra = [import_reward_func(name) for name in script.reward_funcs or []]
+    except UsageError as error:
+        print(f"r2m {kind}: {error}", file=sys.stderr)
+        return 2
     init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
                    "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
     reward_tokenizer = None
     if script.reward_tokenizer_path is not None:
-        from transformers import AutoTokenizer
-
         reward_tokenizer = AutoTokenizer.from_pretrained(script.reward_tokenizer_path)
-    reward = R2MReward(script.reward_model_path, reward_tokenizer, config=r2m_args.to_config(),
+    reward = R2MReward(script.reward_model_path, reward_tokenizer, config=r2m_config,
                        model_init_kwargs={"trust_remote_code": training_args.trust_remote_code})
-    extra = [import_reward_func(name) for name in script.reward_funcs or []]
-    evaluate = training_args.eval_strategy != "no"
     _, trainer_class = TRAINERS[kind]
     trainer = trainer_class(model=model_args.model_name_or_path, reward_funcs=[reward, *extra], callbacks=[reward],
-                            args=training_args, train_dataset=dataset[script.dataset_train_split],
-                            eval_dataset=dataset[script.dataset_test_split] if evaluate else None,
+                            args=training_args, train_dataset=train_split, eval_dataset=eval_split,
                             peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
