@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-openrlhf demo test device-wheels
+.PHONY: install install-openrlhf demo test test-fast device-wheels
 
 # torch first, pinned to the local CPU wheel when none is installed: a looser requirement pulls a CUDA build.
 # constraints.txt: the tested versions of everything else.
@@ -20,6 +20,11 @@ demo: install
 
 test: install-openrlhf
 	$(PYTHON) -m pytest
+
+# The contributor's loop, after one `make test` (or `make install-openrlhf`) has installed everything: all but the
+# multi-process and multi-step training tests.
+test-fast:
+	$(PYTHON) -m pytest -m "not slow and not distributed"
 
 # What a lent GPU machine lacks (its image has torch, triton, transformers; Python 3.12): carried to it by the
 # device tool for benchmarks/gpu_session.sh.
