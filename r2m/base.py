@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from r2m.anchors import AnchorBatch
+from r2m.checks import check_int
 from r2m.config import LABELLED_MODES, R2MConfig
+from r2m.distributed import all_gather, rank_and_world
 from r2m.fusion import SequenceToTokenAttention
 from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
 from r2m.schedule import omega
@@ -29,8 +31,8 @@ OPTIMIZER_NAME = "r2m_optimizer.safetensors"
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
 # Config fields a resumed run may change: it trains on with this config's value, with a warning.
 TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight", "fused_scale")
-# "attend(u) -> c" run wherever the policy states live (SPEC 3): query vectors u [B, H, D_p] -> the attended states
-# c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
+# "attend(u) -> c" (`r2m.fusion`) run wherever the policy states live: query vectors u [B, H, D_p] -> the attended
+# states c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
@@ -47,9 +49,7 @@ class R2MModule(nn.Module):
         config = R2MConfig() if config is None else config
         if not isinstance(config, R2MConfig):
             raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
-        if isinstance(policy_hidden_size, bool) or not isinstance(policy_hidden_size, int) or policy_hidden_size < 1:
-            raise ValueError(f"policy_hidden_size must be an int >= 1 (the policy's hidden size), got "
-                             f"{policy_hidden_size!r}")
+        check_int("policy_hidden_size", policy_hidden_size, hint=" (the policy's hidden size)")
         self.config = config
         self.rm_dim, self.policy_dim = rm_dim, policy_hidden_size
         device = head.weight.device
@@ -152,11 +152,10 @@ class R2MModule(nn.Module):
         start = time.perf_counter()
         device = self.head.weight.device
         rewards = _check_rewards(rewards, rte.shape[0] if isinstance(rte, Tensor) else None)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"group_size must be an int >= 2 (responses per prompt), got {group_size!r}")
+        check_int("group_size", group_size, minimum=2, hint=" (responses per prompt)")
         anchor_set = self._check_anchor(anchor)
-        rank, world = _rank_and_world()
-        all_rewards = _all_gather(rewards.to(device), world)
+        rank, world = rank_and_world()
+        all_rewards = all_gather(rewards.to(device), world)
         if all_rewards.numel() % group_size:
             raise ValueError(f"the batch has {all_rewards.numel()} samples in all, not a whole number of groups of "
                              f"group_size={group_size}")
@@ -167,11 +166,11 @@ class R2MModule(nn.Module):
             return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "groups_degenerate": 0.0, "update_ms": 0.0}
         base, trained, usable = self._reward_parts(rte, hidden, mask, cu_seqlens, base_rewards, context,
                                                    with_grad=True)
-        sample_ok = _all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
+        sample_ok = all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
         if self.config.fused_scale == "base_spread":
-            self.fused_scale_factor = _spread_bound(_all_gather(base.detach(), world).view(groups, group_size),
-                                                    _all_gather(trained.detach(), world).view(groups, group_size),
+            self.fused_scale_factor = _spread_bound(all_gather(base.detach(), world).view(groups, group_size),
+                                                    all_gather(trained.detach(), world).view(groups, group_size),
                                                     group_ok)
         stats["fused_scale"] = self.fused_scale_factor
         fused = self._mix(base, trained, w)
@@ -183,7 +182,7 @@ class R2MModule(nn.Module):
         for inner in range(self.config.update_steps if used or anchor_set is not None else 0):
             if inner:
                 fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
-            gathered = _all_gather(fused.detach(), world).requires_grad_(True)
+            gathered = all_gather(fused.detach(), world).requires_grad_(True)
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
             if bool(labelled.any()):
@@ -251,7 +250,7 @@ class R2MModule(nn.Module):
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape [batch={batch}] (a score per sample, NaN where unlabelled), "
                              f"got {tuple(labels.shape)}")
-        scores = _all_gather(labels.to(device), world).view(-1, group_size)[group_ok]
+        scores = all_gather(labels.to(device), world).view(-1, group_size)[group_ok]
         winner, loser, has_pair = select_pairs(scores)
         return winner, loser, has_pair
 
@@ -476,23 +475,3 @@ def _check_rewards(rewards: Tensor, batch: int | None) -> Tensor:
         raise ValueError(f"rewards must have shape [batch={batch}] (one annotation reward per sample), got "
                          f"{tuple(rewards.shape)}")
     return rewards.float()
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(tensor: Tensor, world: int) -> Tensor:
-    """Concatenate every rank's equal-sized 1-D slice in rank order (identity on one process)."""
-    if world == 1:
-        return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"every rank must pass the same number of samples to update, got "
-                         f"{[int(s) for s in sizes]}")
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)

@@ -1,11 +1,11 @@
 """RolloutStore: the policy states R2M holds between scoring a batch and updating on it, for any trainer.
 
-A batch of rollouts is added when it is scored, with the policy states taken then (annotation time). Samples are
-keyed by the token ids the trainer runs for them (prompt ids + completion ids), never by masks, so every later
-pass over the same tokens names them the same way: `refresh` replaces a sample's states by those of the policy's
-latest pass over it (paper Section 2.4), and `release` hands a batch to the update once the trainer's progress
-counter says the policy's last pass over it has run. `agree` makes a per-process decision collective, so a
-fallback policy forward (a collective under FSDP / ZeRO-3) runs on every rank or on none.
+A batch of rollouts is added when it is scored, with the policy states taken then (annotation time). Samples are keyed
+by the token ids the trainer runs for them (prompt ids + completion ids), never by masks, so every later pass over the
+same tokens names them the same way: `refresh` replaces a sample's states by those of the policy's latest pass over it
+(the refresh of the paper's Algorithm 1), and `release` hands a batch to the update once the trainer's progress counter
+says the policy's last pass over it has run. `agree` makes a per-process decision collective, so a fallback policy
+forward (a collective under FSDP / ZeRO-3) runs on every rank or on none.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from r2m.capture import CapturedStates
+from r2m.distributed import agree
 
 
 @dataclass
@@ -128,15 +127,4 @@ class RolloutStore:
         """Bytes of policy states held now."""
         return sum(r.states.hidden.nbytes for r in self.pending if r.states.hidden is not None)
 
-
-def agree(value: int, device: torch.device | str = "cpu") -> int:
-    """The largest ``value`` over all processes of the default process group (``value`` itself on one process).
-
-    Every rank must call it at the same point: a decision made from it (how many fallback forwards to run) is then
-    the same everywhere, as a sharded model's collective forward needs.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+__all__ = ["Rollout", "RolloutStore", "agree"]

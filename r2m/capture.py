@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from r2m.distributed import zero3_partitioned
+from r2m.hf_models import find_body, unwrap
+
 # The KV cache argument of a transformers model body: ``past_key_values`` before transformers 5.24, ``cache`` since.
 CACHE_ARGUMENTS = ("past_key_values", "cache")
 
@@ -135,27 +138,6 @@ class _Forward:
     hidden: Tensor
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside DDP-style ``.module`` and PEFT wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-
-
-def find_backbone(model: nn.Module) -> nn.Module:
-    """The transformer body of a Hugging Face causal LM (unwrapping DDP-style ``.module`` and PEFT wrappers)."""
-    model = _unwrap(model)
-    prefix = getattr(model, "base_model_prefix", "")
-    body = getattr(model, prefix, None) if prefix else None
-    if isinstance(body, nn.Module) and body is not model:
-        return body
-    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    if isinstance(decoder, nn.Module) and decoder is not model:
-        return decoder
-    raise ValueError(f"cannot find the transformer body of {type(model).__name__}: pass a Hugging Face causal LM "
-                     f"(with `base_model_prefix` or `get_decoder()`) or the body itself as `module`")
-
-
 def _timed(method: Callable) -> Callable:
     """Add the host time of a `HiddenStateCapture` method to its ``seconds`` (outermost call only)."""
     @functools.wraps(method)
@@ -188,7 +170,7 @@ class HiddenStateCapture:
                  on_train_forward: Callable[[CapturedStates], None] | None = None, pad_token_id: int | None = None):
         self.model = model
         self.pad_token_id = pad_token_id
-        self.module = find_backbone(model) if module is None else module
+        self.module = find_body(model) if module is None else module
         self.offload = offload
         self.keep_generation, self.keep_forwards = keep_generation, keep_forwards
         self.on_train_forward = on_train_forward
@@ -311,9 +293,9 @@ class HiddenStateCapture:
             raise ValueError(f"forward: calls={calls} is fewer than the {len(chunks)} chunks the sequences need")
         model = self.model if model is None else model
         device = next(self.module.parameters()).device
-        if _zero3_partitioned(self.module):
+        if zero3_partitioned(self.module):
             model = self.module
-        accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        accepts_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
         pad = 0 if self.pad_token_id is None else self.pad_token_id
         keep, self.keep_forwards = self.keep_forwards, True
         previous, self._forwards = self._forwards, []
@@ -392,11 +374,6 @@ def _is_adapter_layer(module: nn.Module) -> bool:
     """A PEFT tuner layer (duck-typed: PEFT stays optional): adapter state exposed as properties."""
     return all(isinstance(getattr(type(module), name, None), property)
                for name in ("disable_adapters", "active_adapters"))
-
-
-def _zero3_partitioned(module: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions the module's parameters (it tags each with ``ds_id``)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _full_mask(mask: Tensor | None, hidden: Tensor) -> Tensor:

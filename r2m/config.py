@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from r2m.checks import check_int
 
 MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre", "anchored")
 IMPLS = ("auto", "naive", "torch", "triton")
@@ -21,15 +24,15 @@ LABELLED_MODES = ("anchored", "head_only")
 
 @dataclass
 class R2MConfig:
-    """Hyper-parameters of an R2M reward (defaults follow the paper, SPEC section 2.6).
+    """Hyper-parameters of an R2M reward (defaults follow the paper's setup, Huang et al. 2026, arXiv 2601.22664).
 
-    Modes (SPEC 2.7): ``r2m`` full method; ``vanilla`` frozen RM, no fusion; ``frozen`` fusion used for scoring,
-    never updated; ``noise`` policy feedback replaced by Gaussian noise of the same mean and variance;
-    ``head_only`` GREBT on the RM's own reward-token embedding, only the head is updated; ``no_bt`` alpha = 1;
+    Modes (the paper's baselines and ablations): ``r2m`` full method; ``vanilla`` frozen RM, no fusion; ``frozen``
+    fusion used for scoring, never updated; ``noise`` policy feedback replaced by Gaussian noise of the same mean and
+    variance; ``head_only`` GREBT on the RM's own reward-token embedding, only the head is updated; ``no_bt`` alpha = 1;
     ``no_gre`` alpha = 0. Beyond the paper: ``anchored`` adds to GREBT a Bradley-Terry term, weighted by
     ``anchor_weight``, on preference labels of the policy's own samples (a labeller's: a stronger judge, a gold
-    function, people), so the update learns from real preferences and not only from the rewards the policy was
-    trained on; ``head_only`` given the same labels is its control.
+    function, people), so the update learns from real preferences and not only from the rewards the policy was trained
+    on; ``head_only`` given the same labels is its control.
     """
 
     omega_min: float = field(default=0.6, metadata={
@@ -77,15 +80,15 @@ class R2MConfig:
         _check_unit_interval("alpha", self.alpha)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"R2MConfig.lr must be a finite number > 0, got {self.lr!r}")
-        _check_positive_int("attn_dim", self.attn_dim)
-        _check_positive_int("num_heads", self.num_heads)
-        _check_positive_int("update_steps", self.update_steps)
+        check_int("R2MConfig.attn_dim", self.attn_dim)
+        check_int("R2MConfig.num_heads", self.num_heads)
+        check_int("R2MConfig.update_steps", self.update_steps)
         if self.attn_dim % self.num_heads:
             raise ValueError(
                 f"R2MConfig.attn_dim ({self.attn_dim}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.total_steps is not None:
-            _check_positive_int("total_steps", self.total_steps)
+            check_int("R2MConfig.total_steps", self.total_steps)
         if self.mode not in MODES:
             raise ValueError(f"R2MConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.impl not in IMPLS:
@@ -184,11 +187,11 @@ def config_flags(config_class: type = R2MConfig, notes: Mapping[str, str] | None
     return flags
 
 
+def flag_message(message: str, prefix: str = "--r2m_") -> str:
+    """A config error worded for a command line: ``R2MConfig.<field>`` becomes the flag ``<prefix><field>``."""
+    return re.sub(r"\bR2MConfig\.(\w+)", lambda match: f"{prefix}{match.group(1)}", message)
+
+
 def _check_unit_interval(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"R2MConfig.{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"R2MConfig.{name} must be an int >= 1, got {value!r}")

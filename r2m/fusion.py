@@ -1,4 +1,13 @@
-"""Sequence-to-token cross-attention (paper Eq. 3), computed through the absorbed algebra of SPEC section 3."""
+"""Sequence-to-token cross-attention (Eq. 3 of Huang et al. 2026, arXiv 2601.22664), computed through its absorbed
+form.
+
+The absorbed algebra (exact, because keys and values are bias-free linear maps of the same states h): per head e,
+q_e . (h_s W_k,e) / sqrt(d_h) = h_s . u_e with u_e = W_k,e q_e / sqrt(d_h), and sum_s p_s (h_s W_v,e) = c_e W_v,e
+with c_e = sum_s p_s h_s. So the sequence is touched only by "attend(u) -> c", one weighted pass over h (multi-query
+decoding attention with head dim D_p): no key or value projection of the sequence. Its backward, given dc_e:
+ds_s = p_s (h_s . dc_e - dc_e . c_e), du_e = sum_s ds_s h_s (h is policy state and gets no gradient). Shipping u
+to where h lives and c back is also the paper's Section 6.1 traffic cut (2 H D_p numbers per sample).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from r2m.checks import check_int
 from r2m.config import IMPLS
 
 
@@ -41,9 +51,9 @@ def attend_naive(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tenso
 
 def attend(hidden: Tensor, u: Tensor, *, cu_seqlens: Tensor | None = None, mask: Tensor | None = None,
            impl: str = "auto") -> tuple[Tensor, Tensor]:
-    """SPEC section 3's "attend(u) -> c", the one entry point of every absorbed attention (SequenceToTokenAttention
-    and OpenRLHF's policy side): c_e = sum_s softmax_s(h_s . u_e) h_s over each sequence, and lse_e, the
-    log-sum-exp of its scores.
+    """The absorbed "attend(u) -> c" (module docstring), the one entry point of every absorbed attention
+    (SequenceToTokenAttention and OpenRLHF's policy side): c_e = sum_s softmax_s(h_s . u_e) h_s over each sequence, and
+    lse_e, the log-sum-exp of its scores.
 
     hidden: packed [N, D_p] with ``cu_seqlens`` [B + 1], or padded [B, S, D_p] with ``mask`` [B, S] (bool; padding
     may hold anything); u [B, H, D_p]. Returns c [B, H, D_p] and lse [B, H], float32 (float64 for a float64 u on
@@ -133,7 +143,7 @@ class SequenceToTokenAttention(nn.Module):
     q = H W_q, k = h W_k, v = h W_v, all bias-free (paper Eq. 3). ``o_proj`` starts at zero, so an untrained
     R2M scores exactly like the wrapped reward model while gradients still reach every projection.
 
-    impl: ``naive`` projects keys and values (the reference), ``torch`` never projects the sequence (SPEC 3),
+    impl: ``naive`` projects keys and values (the reference), ``torch`` never projects the sequence (the absorbed form),
     ``triton`` runs the fused kernel of ``r2m.kernels``, ``auto`` picks ``triton`` for CUDA inputs and ``torch``
     otherwise. Hidden states may arrive in any float dtype and on another device; the work is done in float32
     on the module's device.
@@ -143,8 +153,7 @@ class SequenceToTokenAttention(nn.Module):
         super().__init__()
         for name, value in (("rm_dim", rm_dim), ("policy_dim", policy_dim), ("attn_dim", attn_dim),
                             ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SequenceToTokenAttention: {name} must be an int >= 1, got {value!r}")
+            check_int(f"SequenceToTokenAttention: {name}", value)
         if attn_dim % num_heads:
             raise ValueError(f"SequenceToTokenAttention: attn_dim ({attn_dim}) must be divisible by num_heads "
                              f"({num_heads})")

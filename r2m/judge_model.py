@@ -1,4 +1,5 @@
-"""R2MJudgeModel: R2M over a generative judge (SPEC 7.3): r = w(t) r_judge + (1 - w(t)) phi(Ĥ)."""
+"""R2MJudgeModel: R2M over a generative judge, r = w(t) r_judge + (1 - w(t)) phi(Ĥ): the split form of the paper's
+Eq. 4 (exact for a linear head) with the judge's own score in place of phi(H)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from torch import Tensor, nn
 
 from r2m.base import R2MModule
 from r2m.config import R2MConfig
-from r2m.reward_model import check_token_batch, find_body
+from r2m.hf_models import find_body
+from r2m.reward_model import check_token_batch
 
 
 class R2MJudgeModel(R2MModule):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from r2m.checks import check_int
+
 
 def pooled_response_states(hidden: Tensor, cu_seqlens: Tensor, response_lengths: Sequence[int]) -> Tensor:
     """Mean of each sample's last ``response_lengths[i]`` states (the positions whose outputs are its response
@@ -36,8 +38,7 @@ def pooled_response_states(hidden: Tensor, cu_seqlens: Tensor, response_lengths:
 def group_state_similarity(pooled: Tensor, group_size: int) -> Tensor:
     """Mean pairwise cosine similarity of the pooled states [G * K, D] within each group of ``group_size``
     consecutive samples -> [G]. Zero vectors count as similarity 0."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-        raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
+    check_int("group_size", group_size, minimum=2)
     if pooled.dim() != 2 or pooled.shape[0] % group_size:
         raise ValueError(f"pooled must have shape [groups * group_size={group_size}, D], got {tuple(pooled.shape)}")
     unit = F.normalize(pooled.float(), dim=-1).view(-1, group_size, pooled.shape[-1])

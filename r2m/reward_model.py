@@ -57,16 +57,6 @@ def _final_linear(module: object, path: str) -> str:
                      f"nn.Linear(hidden_size, 1) (only dropout may follow it)")
 
 
-def find_body(model: nn.Module) -> nn.Module:
-    """The transformer body a Hugging Face model runs before its head (its ``base_model_prefix`` attribute)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    body = getattr(model, prefix, None) if prefix else None
-    if not isinstance(body, nn.Module) or body is model:
-        raise ValueError(f"{type(model).__name__} has no transformer body at `base_model_prefix` ({prefix!r}); "
-                         f"pass a Hugging Face model")
-    return body
-
-
 def check_token_batch(input_ids: Tensor, attention_mask: Tensor | None) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "

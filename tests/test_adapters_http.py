@@ -359,7 +359,7 @@ def test_spct_argument_checks():
     b = OpenAIChatBackend("http://127.0.0.1:1/v1", "m")
     with pytest.raises(ValueError, match="k_meta selects the samples a meta reward model rates highest"):
         SPCTJudge(b, num_samples=4, k_meta=2)
-    with pytest.raises(ValueError, match="k_meta must be an int in 1..num_samples=4"):
+    with pytest.raises(ValueError, match=r"k_meta must be an int in \[1, 4\] \(at most num_samples\)"):
         SPCTJudge(b, num_samples=4, meta_rm=confidence, k_meta=5)
     with pytest.raises(TypeError, match="meta_rm must be callable"):
         SPCTJudge(b, meta_rm=3)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_anchored import GROUP, POLICY_DIM, make
 
 import r2m
-from r2m import losses, tiny
-from test_anchored import POLICY_DIM, GROUP, make
+from r2m import losses
+from r2m.benchmarks import tiny_models as tiny
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import gloo

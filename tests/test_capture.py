@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from r2m.benchmarks import tiny_models as tiny
-from r2m.capture import CapturedStates, HiddenStateCapture, _gather, _valid_but_last, find_backbone
+from r2m.capture import CapturedStates, HiddenStateCapture, _gather, _valid_but_last
+from r2m.hf_models import find_body
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
 
@@ -19,7 +20,7 @@ def left_pad(rows, pad=0):
 def reference_states(policy, sequence):
     """What a full forward of the unpadded sequence gives at its first S-1 positions."""
     with torch.no_grad():
-        out = find_backbone(policy)(input_ids=torch.tensor([sequence]), use_cache=False)
+        out = find_body(policy)(input_ids=torch.tensor([sequence]), use_cache=False)
     return out.last_hidden_state[0, :-1]
 
 
@@ -105,7 +106,7 @@ def test_extra_forward_and_training_listener():
     assert len(seen) == 1 and seen[0].tokens == [tuple(sequences[0])]
     assert not seen[0].hidden.requires_grad and seen[0].sample(0).shape == (3, 32)
     torch.manual_seed(3)  # the same dropout masks
-    expected = find_backbone(policy)(input_ids=torch.tensor(sequences[:1])).last_hidden_state[0, :-1]
+    expected = find_body(policy)(input_ids=torch.tensor(sequences[:1])).last_hidden_state[0, :-1]
     torch.testing.assert_close(seen[0].sample(0), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -122,9 +123,9 @@ def test_peft_reference_pass_is_not_captured():
         assert len(capture._forwards) == 1
         policy_states = capture.pop_forwards(sequence).sample(0)
     with torch.no_grad():
-        adapted = find_backbone(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
+        adapted = find_body(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
         with model.disable_adapter():
-            base = find_backbone(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
+            base = find_body(model)(input_ids=torch.tensor(sequence)).last_hidden_state[0, :-1]
     torch.testing.assert_close(policy_states, adapted)
     assert not torch.allclose(adapted, base)
 
@@ -164,6 +165,6 @@ def test_captured_states_pack_replace_copy_and_count():
     assert CapturedStates.concat([filled, CapturedStates.none_found(2)]).cu_seqlens.tolist() == [0, 2, 6, 7, 7, 7]
 
 
-def test_find_backbone_rejects_a_bare_module():
+def test_find_body_rejects_a_bare_module():
     with pytest.raises(ValueError, match="transformer body"):
-        find_backbone(torch.nn.Linear(2, 2))
+        find_body(torch.nn.Linear(2, 2))

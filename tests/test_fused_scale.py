@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import r2m
-from r2m import losses, tiny
+from r2m import losses
+from r2m.benchmarks import tiny_models as tiny
 
 POLICY_DIM, GROUP, GROUPS = 24, 4, 3
 
@@ -104,8 +105,8 @@ def test_mode_none_is_the_paper_mix_bit_for_bit(reward_model):
     paper = make(copy.deepcopy(reward_model), fused_scale="none")
     bounded = make(copy.deepcopy(reward_model), fused_scale="base_spread")
     bounded.load_state_dict(paper.state_dict())
-    torch.testing.assert_close(bounded.reward_from_rte(rte, hidden, mask, 5), paper.reward_from_rte(rte, hidden, mask, 5),
-                               rtol=0, atol=0)  # kappa starts at 1
+    torch.testing.assert_close(bounded.reward_from_rte(rte, hidden, mask, 5),
+                               paper.reward_from_rte(rte, hidden, mask, 5), rtol=0, atol=0)  # kappa starts at 1
     stats = paper.update(rte, hidden, mask, rewards, GROUP, 5)
     assert stats["fused_scale"] == 1.0 == paper.fused_scale_factor
 
@@ -118,8 +119,8 @@ def test_checkpoint_keeps_kappa_and_old_checkpoints_load_with_one(reward_model, 
     model.save_pretrained(tmp_path / "ckpt")
     loaded = r2m.R2MRewardModel.from_pretrained(reward_model, tmp_path / "ckpt")
     assert loaded.fused_scale_factor == model.fused_scale_factor
-    torch.testing.assert_close(loaded.reward_from_rte(rte, hidden, mask, 2), model.reward_from_rte(rte, hidden, mask, 2),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(loaded.reward_from_rte(rte, hidden, mask, 2),
+                               model.reward_from_rte(rte, hidden, mask, 2), rtol=0, atol=0)
     meta_path = tmp_path / "ckpt" / "r2m_config.json"
     meta = json.loads(meta_path.read_text())
     del meta["fused_scale_factor"], meta["config"]["fused_scale"]  # written before the option existed

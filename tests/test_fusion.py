@@ -172,7 +172,8 @@ def test_constructor_validation(kwargs, message):
 
 
 def reference_attend(hidden, lengths, u):
-    """c and lse of SPEC section 3's attend(u) -> c per sample and head in float64 (zero-length: c = 0, lse = -inf)."""
+    """c and lse of the absorbed attend(u) -> c (r2m.fusion) per sample and head in float64 (zero-length: c = 0,
+    lse = -inf)."""
     c = torch.zeros(u.shape, dtype=torch.float64)
     lse = torch.full(u.shape[:2], float("-inf"), dtype=torch.float64)
     for b, length in enumerate(lengths):

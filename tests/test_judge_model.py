@@ -1,4 +1,4 @@
-"""R2MJudgeModel: R2M over a generative judge's hidden states (SPEC 7.3)."""
+"""R2MJudgeModel: R2M over a generative judge's hidden states (Eq. 4's split form)."""
 
 from types import SimpleNamespace
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import r2m
-from r2m import losses, tiny
+from r2m import losses
+from r2m.benchmarks import tiny_models as tiny
 
 POLICY_DIM = 24
 

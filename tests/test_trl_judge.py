@@ -1,4 +1,4 @@
-"""R2MReward over generative judges (SPEC 7.3) inside real TRL GRPOTrainer runs on tiny models (CPU).
+"""R2MReward over generative judges (r2m.R2MJudgeModel) inside real TRL GRPOTrainer runs on tiny models (CPU).
 
 The judges run a tiny random local model through the real transformers backend. To get verdicts that parse, its
 decoding is constrained by a logits processor that makes it write a rule's reply (prefill and decode steps run as

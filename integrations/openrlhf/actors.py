@@ -22,6 +22,7 @@ from transformers import AutoConfig
 
 import r2m
 from r2m.config import R2MConfig
+from r2m.distributed import zero3_partitioned
 from r2m.integrations.openrlhf.options import R2MOptions
 from r2m.integrations.openrlhf.policy_side import PolicyFeedbackCapture, PolicyStateStore, fingerprints
 from r2m.integrations.openrlhf.reward_side import PolicyFeedback, R2MRewardSide, Traffic
@@ -100,7 +101,7 @@ class R2MRewardModelActorBase(actor_class(RewardModelActor)):
         model = self._reward_module()
         head = getattr(model, getattr(model, "value_head_prefix", "score"), None)
         gathered = nullcontext()
-        if head is not None and hasattr(head.weight, "ds_id"):
+        if head is not None and zero3_partitioned(head.weight):
             import deepspeed
 
             gathered = deepspeed.zero.GatheredParameters([head.weight])

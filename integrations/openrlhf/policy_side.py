@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from r2m import fusion
 from r2m.buffer import RolloutStore
-from r2m.capture import CapturedStates, find_backbone
+from r2m.capture import CapturedStates
+from r2m.hf_models import find_body
 
 
 def fingerprints(sequences: Tensor, attention_mask: Tensor) -> list[str]:
@@ -64,7 +65,7 @@ class PolicyStateStore:
     The states sit in ``rollouts``, an `r2m.buffer.RolloutStore` keyed by `fingerprints`: a forward without
     gradients (experience making) adds a batch, a training forward refreshes the newest batch holding each of its
     samples (a sample not held yet is added, marked refreshed). ``attend(keys, u) -> (c, lse, ok, token)`` and
-    ``attend_backward(token, dc) -> du`` are SPEC section 3's "attend(u) -> c" (`r2m.fusion.attend`) and its gradient
+    ``attend_backward(token, dc) -> du`` are the absorbed "attend(u) -> c" (`r2m.fusion.attend`) and its gradient
     w.r.t. u (the policy states get none). ``offload`` keeps the states in CPU memory; the attention then runs on
     CPU. ``impl``: ``torch`` (any device), ``triton`` (the fused kernel of ``r2m.kernels``), ``auto`` (``triton``
     for CUDA states, ``torch`` otherwise).
@@ -168,14 +169,14 @@ class PolicyFeedbackCapture:
 
     A pre-hook on the actor module reads the call's ``sequences`` and ``attention_mask``; a hook on the
     transformer body (whose output is what the LM head reads) takes its output. Every forward writes, so after a
-    training round the store holds the states of the last optimisation pass over each sample (SPEC 2.4), and
-    before it those of the experience-making forward.
+    training round the store holds the states of the last optimisation pass over each sample (the refresh of
+    the paper's Algorithm 1), and before it those of the experience-making forward.
     """
 
     def __init__(self, actor: nn.Module, store: PolicyStateStore, body: nn.Module | None = None):
         self.actor = actor
         self.store = store
-        self.body = find_backbone(getattr(actor, "model", actor)) if body is None else body
+        self.body = find_body(getattr(actor, "model", actor)) if body is None else body
         self._signature = inspect.signature(actor.forward)
         self._call: tuple[Tensor, Tensor] | None = None
         self._handles = [actor.register_forward_pre_hook(self._before, with_kwargs=True),

@@ -1,11 +1,10 @@
 """The reward side of R2M in OpenRLHF: scoring and the GREBT update with the policy states kept elsewhere.
 
-Routing ``full`` fetches the policy states (S * D_p numbers per sample) and runs the core unchanged. Routing
-``compact`` is the paper's Section 6.1 done exactly with SPEC section 3: the reward side computes u = f(H) and
-sends it to where the states live, receives c (and lse) back, and finishes Ĥ = g(c); the update sends dc = dL/dc
-and receives du = dL/du, which it backpropagates into q_proj/k_proj (dc itself reaches v_proj/o_proj and the
-head). Traffic is 2 * H * D_p numbers per sample for scoring and twice that per update step, whatever the
-sequence length.
+Routing ``full`` fetches the policy states (S * D_p numbers per sample) and runs the core unchanged. Routing ``compact``
+is the paper's Section 6.1 done exactly with the absorbed algebra of `r2m.fusion`: the reward side computes u = f(H) and
+sends it to where the states live, receives c (and lse) back, and finishes Ĥ = g(c); the update sends dc = dL/dc and
+receives du = dL/du, which it backpropagates into q_proj/k_proj (dc itself reaches v_proj/o_proj and the head). Traffic
+is 2 * H * D_p numbers per sample for scoring and twice that per update step, whatever the sequence length.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ def r2m_flags_on_parser() -> Iterator[None]:
     checks the combination (OpenRLHF's flags use dotted names: the namespace is hierarchized here to check it)."""
     from openrlhf.utils.config import hierarchize
 
+    from r2m.config import flag_message
     from r2m.integrations.openrlhf.options import add_r2m_arguments, check_openrlhf_args
 
     original = argparse.ArgumentParser.parse_args
@@ -34,7 +35,7 @@ def r2m_flags_on_parser() -> Iterator[None]:
         try:
             check_openrlhf_args(hierarchize(parsed))
         except ValueError as error:
-            parser.error(str(error))
+            parser.error(flag_message(str(error)))
         return parsed
 
     argparse.ArgumentParser.parse_args = parse_args

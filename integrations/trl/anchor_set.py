@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from r2m.anchors import AnchorBatch
-from r2m.buffer import agree
 from r2m.capture import CapturedStates
+from r2m.checks import check_int
 from r2m.config import LABELLED_MODES
+from r2m.distributed import agree
 from r2m.integrations.trl.policy_states import PolicyStateSource
 
 Pair = tuple[Any, Any, Any]
@@ -32,9 +33,7 @@ class AnchorSet:
     """
 
     def __init__(self, pairs: Sequence[Pair], every: int = 1, mode: str = "anchored"):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"anchor_every must be an int >= 1 (R2M updates per refresh of the anchor set's policy "
-                             f"states), got {every!r}")
+        check_int("anchor_every", every, hint=" (R2M updates per refresh of the anchor set's policy states)")
         if mode not in LABELLED_MODES:
             raise ValueError(f"anchor_pairs is used in modes {LABELLED_MODES} (head_only: the control that gives the "
                              f"RM alone the same anchor set), not in mode {mode!r}")

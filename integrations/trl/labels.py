@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from r2m.checks import check_int
+
 Labeller = Callable[..., list[float | None]]
 
 
@@ -25,8 +27,7 @@ class OnPolicyLabels:
     def __init__(self, labeller: Labeller, groups: int | None = None):
         if not callable(labeller):
             raise TypeError(f"labeller must be callable like a TRL reward function, got {type(labeller).__name__}")
-        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
-            raise ValueError(f"label_groups must be None (every group) or an int >= 1, got {groups!r}")
+        check_int("label_groups", groups, optional=True, hint=" (None: every group)")
         self.labeller, self.groups = labeller, groups
         self.seconds = 0.0
 

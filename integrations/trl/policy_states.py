@@ -12,8 +12,8 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments
 from trl import RLOOConfig
 from trl.data_utils import is_conversational
 
-from r2m.buffer import agree
 from r2m.capture import CapturedStates, HiddenStateCapture
+from r2m.distributed import agree
 
 logger = logging.getLogger(__name__)
 

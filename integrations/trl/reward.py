@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,15 @@ from r2m.base import R2MModule
 from r2m.buffer import Rollout, RolloutStore
 from r2m.capture import CapturedStates
 from r2m.config import LABELLED_MODES, R2MConfig
+from r2m.distributed import rank_and_world, zero3_partitioned
+from r2m.hf_models import find_body, pad_token_id_set, padding_tokenizer
 from r2m.integrations.trl.anchor_set import AnchorSet, Pair
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
 from r2m.integrations.trl.labels import Labeller, OnPolicyLabels
 from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
 from r2m.judge_model import R2MJudgeModel
 from r2m.monitor import group_state_similarity, pooled_response_states
-from r2m.reward_model import R2MRewardModel, find_body, find_score_head
+from r2m.reward_model import R2MRewardModel, find_score_head
 from r2m.wrap import wrap
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class R2MReward(TrainerCallback):
     the fusion and head are updated once per generation batch, after the policy's last pass over it, and saved
     with the trainer's checkpoints.
 
-    With a judge (SPEC 7.3) each call runs ``judge.score`` once: its rewards are r_base of
+    With a judge (`r2m.R2MJudgeModel`) each call runs ``judge.score`` once: its rewards are r_base of
     r = w(t) r_base + (1 - w(t)) phi(Ĥ) and its hidden state at the end of its input is the RTE (both cached for the
     update); its text and counts go to TRL through ``judge.log``. A completion the judge gave no reward gets None,
     and its group is skipped in the update.
@@ -147,7 +148,7 @@ class R2MReward(TrainerCallback):
         if self.judge is None:
             find_score_head(model)
         find_body(model)
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if zero3_partitioned(model):
             raise ValueError("the reward model's parameters are partitioned by DeepSpeed ZeRO-3 (it was built under "
                              "deepspeed.zero.Init, e.g. loaded after a ZeRO-3 GRPOConfig/RLOOConfig was created); R2M "
                              "needs it whole: build it before the trainer arguments, or pass its path to R2MReward")
@@ -213,7 +214,7 @@ class R2MReward(TrainerCallback):
         labels = None
         if training and self.labels is not None:
             labels = self.labels(prompts, completions, completion_ids, self._group_size,
-                                 getattr(getattr(trainer, "accelerator", None), "process_index", 0), dataset_columns)
+                                 rank_and_world()[0], dataset_columns)
         if training:
             self._log_metric = log_metric
             held = fused if fused is not None else CapturedStates.none_found(len(rewards))
@@ -327,7 +328,7 @@ class R2MReward(TrainerCallback):
             self.r2m.load_state(self._resume_dir)
             self.r2m.total_steps = self.config.total_steps or state.max_steps
             self._resume_dir = None
-        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        elif rank_and_world()[1] > 1:
             with torch.no_grad():
                 for param in self.r2m.trainable_parameters():
                     dist.broadcast(param.data, src=0)
@@ -371,7 +372,7 @@ class R2MReward(TrainerCallback):
         if self.judge is None:
             encoded = self.tokenizer(text=self._reward_texts(prompts, completions), return_tensors="pt",
                                      padding=True, padding_side="right", add_special_tokens=False)
-            with _pad_token_id(self.reward_model, self.tokenizer.pad_token_id):
+            with pad_token_id_set(self.reward_model, self.tokenizer.pad_token_id):
                 return self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]), None
         judge = self.judge if judge is None else judge
         result = judge.score(prompts, completions, **columns)
@@ -489,27 +490,7 @@ def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
         tokenizer = AutoTokenizer.from_pretrained(path)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"reward_tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("reward_tokenizer has neither a pad token nor an EOS token to pad batches with")
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@contextlib.contextmanager
-def _pad_token_id(model: nn.Module, pad_token_id: int) -> Iterator[None]:
-    """The reward model's config carries ``pad_token_id`` (which transformers pools by) while inside, when it has
-    none of its own; restored after."""
-    config = model.config.get_text_config()
-    if config.pad_token_id is not None:
-        yield
-        return
-    config.pad_token_id = pad_token_id
-    try:
-        yield
-    finally:
-        config.pad_token_id = None
+    return padding_tokenizer(tokenizer, "reward_tokenizer")
 
 
 def _packed(states: CapturedStates | None) -> tuple[Tensor | None, Tensor | None]:

@@ -1,4 +1,5 @@
-"""Fused sequence-to-token attention (SPEC section 3): c_e = sum_s softmax_s(h_s . u_e) h_s over packed ragged h.
+"""Fused sequence-to-token attention (the absorbed form in `r2m.fusion`): c_e = sum_s softmax_s(h_s . u_e) h_s
+over packed ragged h.
 
 Keys and values are the same policy states h, so one read of each h tile serves every head (multi-query style).
 Forward: one pass over h with an online softmax; a long sequence is cut into splits, each split writes a partial
@@ -18,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from r2m.checks import check_int
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _HEAD_GROUPS = (1, 2, 4, 8, 16)
@@ -228,8 +231,7 @@ def _validate(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) 
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != h.shape[0] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError(f"seq_to_token_attention: cu_seqlens must start at 0, never decrease and end at "
                          f"total_tokens={h.shape[0]}, got {cu_seqlens.tolist()}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"seq_to_token_attention: num_splits must be None or an int >= 1, got {num_splits!r}")
+    check_int("seq_to_token_attention: num_splits", num_splits, optional=True)
 
 
 def _forward(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int, split_len: int) -> tuple[Tensor, Tensor]:
@@ -295,7 +297,7 @@ class SeqToTokenAttentionFunction(torch.autograd.Function):
 
 def seq_to_token_attention(h: Tensor, cu_seqlens: Tensor, u: Tensor, *,
                            num_splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Attend each sequence's packed policy states with its per-head query vectors u (SPEC section 3).
+    """Attend each sequence's packed policy states with its per-head query vectors u (`r2m.fusion.attend`).
 
     h [total_tokens, D_p] (bf16, fp16 or fp32), cu_seqlens [B + 1] int32, u [B, H, D_p] float32 (already scaled)
     -> c [B, H, D_p] float32 with c[b, e] = sum_s softmax_s(h_s . u[b, e]) h_s over sequence b, and

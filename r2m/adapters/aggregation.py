@@ -8,20 +8,22 @@ from typing import Literal
 
 import numpy as np
 
+from r2m.checks import check_int
+
 Verdict = Literal["A", "B"]
 Pair = tuple[int, int]
 
 
 def round_robin_pairs(num_players: int, both_orders: bool = True) -> list[Pair]:
     """Every pair ``(shown as A, shown as B)`` once (i < j), or in both orders to cancel position bias."""
-    _check_count("num_players", num_players)
+    check_int("num_players", num_players)
     pairs = [(i, j) for i in range(num_players) for j in range(i + 1, num_players)]
     return [p for i, j in pairs for p in ((i, j), (j, i))] if both_orders else pairs
 
 
 def anchor_pairs(num_players: int, anchor: int, both_orders: bool = True) -> list[Pair]:
     """Each player against ``anchor`` only: ``(player, anchor)``, and ``(anchor, player)`` too with both orders."""
-    _check_count("num_players", num_players)
+    check_int("num_players", num_players)
     if not 0 <= anchor < num_players:
         raise ValueError(f"anchor must index one of the {num_players} players, got {anchor}")
     others = [i for i in range(num_players) if i != anchor]
@@ -98,7 +100,7 @@ def select_voters(valid: Sequence[int], meta_scores: Sequence[float] | None, k_m
     valid = list(valid)
     if meta_scores is None or k_meta is None or k_meta >= len(valid):
         return valid
-    _check_count("k_meta", k_meta)
+    check_int("k_meta", k_meta)
 
     def rank(s: int) -> tuple[float, int]:
         score = float(meta_scores[s])
@@ -116,11 +118,6 @@ def vote(scores: Sequence[Sequence[float]], reduce: Literal["sum", "mean"] = "su
         return None
     totals = np.asarray(scores, dtype=np.float64).sum(axis=0)
     return (totals / len(scores) if reduce == "mean" else totals).tolist()
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_points(points: np.ndarray) -> np.ndarray:

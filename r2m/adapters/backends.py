@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from r2m.adapters.conversation import Message
-from r2m.capture import find_backbone
+from r2m.checks import check_int
+from r2m.hf_models import find_body, padding_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,11 @@ class JudgeBackend(ABC):
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
 
 
 class TransformersBackend(JudgeBackend):
@@ -94,12 +89,9 @@ class TransformersBackend(JudgeBackend):
             raise ValueError("the judge's tokenizer has no chat_template: set tokenizer.chat_template to the judge's "
                              "chat format")
         _check_sampling(max_new_tokens, temperature, top_p)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        check_int("batch_size", batch_size)
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.tokenizer = padding_tokenizer(tokenizer)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, float(temperature), float(top_p)
         self.batch_size = batch_size
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -116,12 +108,12 @@ class TransformersBackend(JudgeBackend):
                                                   **self.chat_template_kwargs)
 
     async def generate(self, conversations: Sequence[list[Message]], num_samples: int = 1) -> list[Generation]:
-        _check_num_samples(num_samples)
+        check_int("num_samples", num_samples)
         return await asyncio.to_thread(self.generate_sync, conversations, num_samples)
 
     def generate_sync(self, conversations: Sequence[list[Message]], num_samples: int = 1) -> list[Generation]:
         """`generate` without an event loop."""
-        _check_num_samples(num_samples)
+        check_int("num_samples", num_samples)
         texts = [self.render(list(c)) for c in conversations]
         results: list[Generation] = []
         with self._lock:
@@ -145,7 +137,7 @@ class TransformersBackend(JudgeBackend):
             if not prefill and hidden.shape[1] == width:
                 prefill.append(hidden[:, -1].detach())
 
-        handle = find_backbone(self.model).register_forward_hook(keep_prefill)
+        handle = find_body(self.model).register_forward_hook(keep_prefill)
         try:
             with torch.no_grad():
                 output = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens,
@@ -184,9 +176,8 @@ class OpenAIChatBackend(JudgeBackend):
                     (name == "timeout" and value == 0):
                 raise ValueError(f"{name} must be a number of seconds {'> 0' if name == 'timeout' else '>= 0'}, "
                                  f"got {value!r}")
-        for name, value, low in (("max_retries", max_retries, 0), ("max_concurrency", max_concurrency, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int("max_retries", max_retries, minimum=0)
+        check_int("max_concurrency", max_concurrency)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
@@ -216,7 +207,7 @@ class OpenAIChatBackend(JudgeBackend):
     async def generate(self, conversations: Sequence[list[Message]], num_samples: int = 1) -> list[Generation]:
         import httpx
 
-        _check_num_samples(num_samples)
+        check_int("num_samples", num_samples)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits, headers=headers) as client:

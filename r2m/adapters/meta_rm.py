@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from r2m.checks import check_int
+from r2m.hf_models import pad_token_id_set, padding_tokenizer
+
 
 class SequenceClassifierRater:
     """Rates judge outputs with a Hugging Face ``*ForSequenceClassification`` model (num_labels=1): the judge's
@@ -32,13 +35,8 @@ class SequenceClassifierRater:
                             f"got {type(model).__name__}")
         if tokenizer is None:
             raise ValueError("tokenizer (the meta reward model's tokenizer) is required when model is not a path")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        self.model, self.tokenizer = model.eval(), tokenizer
+        check_int("batch_size", batch_size)
+        self.model, self.tokenizer = model.eval(), padding_tokenizer(tokenizer)
         self.batch_size, self.max_length = batch_size, max_length
 
     def texts(self, judge_prompts: Sequence[str], judge_outputs: Sequence[str]) -> list[str]:
@@ -60,5 +58,6 @@ class SequenceClassifierRater:
             encoded = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                                      padding_side="right", truncation=self.max_length is not None,
                                      max_length=self.max_length, add_special_tokens=not templated).to(device)
-            ratings.extend(self.model(**encoded).logits[:, 0].float().tolist())
+            with pad_token_id_set(self.model, self.tokenizer.pad_token_id):
+                ratings.extend(self.model(**encoded).logits[:, 0].float().tolist())
         return ratings

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from r2m.adapters.backends import Generation, JudgeBackend
 from r2m.adapters.conversation import Message, response_text, to_messages
+from r2m.checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ def split_groups(prompts: Sequence[Any], completions: Sequence[Any], group_size:
     columns = {k: v for k, v in (columns or {}).items()
                if isinstance(v, Sequence) and not isinstance(v, str) and len(v) == len(prompts)}
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
+        check_int("group_size", group_size, optional=True)
         if len(prompts) % group_size:
             raise ValueError(f"the batch of {len(prompts)} completions is not a whole number of groups of "
                              f"group_size={group_size}")
@@ -112,9 +112,7 @@ class GenerativeJudge(ABC):
                             f"got {type(backend).__name__}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
-            raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
+        check_int("group_size", group_size, optional=True)
         self.backend = backend
         self.group_size = group_size
         self.__name__ = name

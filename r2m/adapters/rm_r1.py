@@ -25,6 +25,7 @@ from r2m.adapters.aggregation import (
 from r2m.adapters.backends import JudgeBackend
 from r2m.adapters.conversation import Message, is_single_turn, render_turns, strip_thinking
 from r2m.adapters.reward_function import GenerativeJudge, Group, JudgeResult, mean_rte
+from r2m.checks import check_int
 
 Layout = Literal["instruct", "reasoning"]
 LAYOUTS = ("instruct", "reasoning")
@@ -137,7 +138,8 @@ def parse_verdict(text: str | None) -> Verdict | None:
 
 
 def build_user_prompt(conversation: Sequence[Message], response_a: str, response_b: str) -> str:
-    """The user turn showing the question (or conversation so far) and the two responses (SPEC 7.1 layout)."""
+    """The user turn showing the question (or conversation so far) and the two responses (the layout of RM-R1's
+    released prompts)."""
     if is_single_turn(conversation):
         return SINGLE_TURN_TEMPLATE.format(question=conversation[0]["content"], response_a=response_a,
                                            response_b=response_b)
@@ -185,8 +187,7 @@ class RMR1Judge(GenerativeJudge):
                 raise ValueError(f"{arg} must be one of {allowed}, got {value!r}")
         if reference_column is not None and mode != "anchor":
             raise ValueError("reference_column is the anchor of mode='anchor'; it has no use with mode='round_robin'")
-        if isinstance(anchor_index, bool) or not isinstance(anchor_index, int) or anchor_index < 0:
-            raise ValueError(f"anchor_index must be an int >= 0, got {anchor_index!r}")
+        check_int("anchor_index", anchor_index, minimum=0)
         if not (isinstance(bt_prior, (int, float)) and bt_prior > 0):
             raise ValueError(f"bt_prior must be a number > 0, got {bt_prior!r}")
         if system_prompt is not None and layout != "instruct":

@@ -14,6 +14,7 @@ from r2m.adapters.aggregation import select_voters, vote
 from r2m.adapters.backends import Generation, JudgeBackend
 from r2m.adapters.conversation import Message, is_single_turn, render_turns, strip_thinking
 from r2m.adapters.reward_function import GenerativeJudge, Group, JudgeResult, mean_rte
+from r2m.checks import check_int
 
 MIN_SCORE, MAX_SCORE = 1, 10
 
@@ -87,8 +88,7 @@ class SPCTJudge(GenerativeJudge):
                  meta_rm: MetaRewardModel | None = None, k_meta: int | None = None, group_size: int | None = None,
                  name: str = "spct"):
         super().__init__(backend, name, group_size)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        check_int("num_samples", num_samples)
         if reduce not in ("sum", "mean"):
             raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
         if meta_rm is not None and not callable(meta_rm):
@@ -97,8 +97,7 @@ class SPCTJudge(GenerativeJudge):
         if k_meta is not None:
             if meta_rm is None:
                 raise ValueError("k_meta selects the samples a meta reward model rates highest: pass meta_rm too")
-            if isinstance(k_meta, bool) or not isinstance(k_meta, int) or not 1 <= k_meta <= num_samples:
-                raise ValueError(f"k_meta must be an int in 1..num_samples={num_samples}, got {k_meta!r}")
+            check_int("k_meta", k_meta, maximum=num_samples, hint=" (at most num_samples)")
         self.num_samples, self.reduce = num_samples, reduce
         self.meta_rm = meta_rm
         self.k_meta = k_meta if k_meta is not None or meta_rm is None else math.ceil(num_samples / 2)
