@@ -187,6 +187,17 @@ def test_entry_point_refuses_r2m_with_a_remote_reward(monkeypatch, capsys):
     assert "--r2m_enable needs a reward model actor" in capsys.readouterr().err
 
 
+def test_entry_point_names_the_flag_of_a_config_value_out_of_range(capsys):
+    from r2m.integrations.openrlhf.train_ppo_ray import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--actor.model_name_or_path", "policy", "--reward.model_name_or_path", "rm", "--r2m_enable",
+              "--r2m_omega_min", "2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--r2m_omega_min must be a number in [0, 1], got 2" in err and "R2MConfig" not in err
+
+
 def test_installed_classes_are_what_openrlhf_cli_launches():
     from openrlhf.trainer import ppo_trainer
     from openrlhf.trainer.ray import launcher, ppo_actor

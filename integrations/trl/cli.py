@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import importlib
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOConfig, RLOOTrainer, TrlParser, get_peft_config
 
-from r2m.config import R2MConfig, config_flags
+from r2m.config import R2MConfig, config_flags, flag_message
 from r2m.integrations.trl.reward import R2MReward
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
@@ -134,7 +133,7 @@ def parse_arguments(kind: str, args: list[str]):
     try:
         r2m_config = r2m_args.to_config()
     except (TypeError, ValueError) as error:
-        raise UsageError(re.sub(r"R2MConfig\.(\w+)", r"--r2m_\1", str(error))) from None
+        raise UsageError(flag_message(str(error))) from None
     return script, r2m_args, training_args, model_args, r2m_config
 
 
