@@ -8,8 +8,8 @@ from r2m.fusion import SequenceToTokenAttention
 from r2m.judge_model import R2MJudgeModel
 from r2m.reward_model import R2MRewardModel
 from r2m.schedule import omega
+from r2m.version import __version__
 from r2m.wrap import wrap
 
 __all__ = ["MODES", "AnchorBatch", "R2MConfig", "R2MJudgeModel", "R2MModule", "R2MRewardModel",
-           "SequenceToTokenAttention", "losses", "omega", "wrap"]
-__version__ = "0.1.0"
+           "SequenceToTokenAttention", "__version__", "losses", "omega", "wrap"]

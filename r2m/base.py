@@ -1,21 +1,19 @@
-"""R2MModule: the fusion, scoring head, schedule, GREBT update and checkpoints shared by every R2M reward."""
+"""R2MModule: the fusion, scoring head, schedule and GREBT update shared by every R2M reward."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from r2m import checkpoint
 from r2m.anchors import AnchorBatch
 from r2m.checks import check_int
 from r2m.config import LABELLED_MODES, R2MConfig
@@ -24,13 +22,6 @@ from r2m.fusion import SequenceToTokenAttention
 from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
 from r2m.schedule import omega
 
-CONFIG_NAME = "r2m_config.json"
-WEIGHTS_NAME = "r2m_model.safetensors"
-OPTIMIZER_NAME = "r2m_optimizer.safetensors"
-# Config fields that change the shape or meaning of saved weights: a checkpoint must agree on them.
-STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
-# Config fields a resumed run may change: it trains on with this config's value, with a warning.
-TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight", "fused_scale")
 # "attend(u) -> c" (`r2m.fusion`) run wherever the policy states live: query vectors u [B, H, D_p] -> the attended
 # states c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -362,99 +353,36 @@ class R2MModule(nn.Module):
         return rte.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the fusion, the head and the optimizer state (safetensors) and the config (JSON)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = {f"fusion.{k}": v for k, v in self.fusion.state_dict().items()}
-        weights.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(directory / WEIGHTS_NAME))
-        optim = self.optimizer.state_dict()
-        tensors = {f"state.{index}.{key}": torch.as_tensor(value).cpu()
-                   for index, state in optim["state"].items() for key, value in state.items()}
-        save_file(tensors, str(directory / OPTIMIZER_NAME))
-        meta = {"kind": type(self).__name__, "config": self.config.to_dict(), "rm_dim": self.rm_dim,
-                "policy_dim": self.policy_dim, "attn_dim": self.fusion.attn_dim,
-                "head_bias": self.head.bias is not None, "total_steps": self.total_steps,
-                "noise_seed": self.noise_seed, "fused_scale_factor": self.fused_scale_factor,
-                "param_groups": optim["param_groups"]}
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        """Write the fusion, the head and the optimizer state (safetensors), the config and the run state (JSON);
+        see `r2m.checkpoint`."""
+        checkpoint.save(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, *args: nn.Module | str | os.PathLike, config: R2MConfig | None = None,
-                        **kwargs: nn.Module | str | os.PathLike) -> R2MModule:
+    def from_pretrained(cls, reward_model: nn.Module, path: str | os.PathLike | None = None, *args: Any,
+                        config: R2MConfig | None = None, save_directory: str | os.PathLike | None = None
+                        ) -> R2MModule:
         """Rebuild an R2M reward saved by `save_pretrained` around ``reward_model`` (the same frozen model).
 
-        ``from_pretrained(reward_model, path)`` in PEFT's order; the earlier ``from_pretrained(path, reward_model)``
-        and the keywords ``reward_model=`` / ``save_directory=`` work too. ``config`` (default: the checkpoint's)
-        may change the fields of ``TRAINING_FIELDS``.
+        ``from_pretrained(reward_model, path, *, config=None)``; ``config`` (default: the checkpoint's) may change
+        the fields of `r2m.checkpoint.TRAINING_FIELDS`. The earlier forms (path first, config by position,
+        ``save_directory=``) still work for this release, with a DeprecationWarning.
         """
-        unknown = set(kwargs) - {"reward_model", "save_directory"}
-        if unknown:
-            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
-        if len(args) == 3 and config is None and (args[2] is None or isinstance(args[2], R2MConfig)):  # with config
-            *args, config = args
-        given = [*args, *kwargs.values()]
-        models = [a for a in given if isinstance(a, nn.Module)]
-        paths = [a for a in given if isinstance(a, (str, os.PathLike))]
-        misplaced = not isinstance(kwargs.get("reward_model", nn.Module()), nn.Module) or \
-            not isinstance(kwargs.get("save_directory", ""), (str, os.PathLike))
-        if len(given) != 2 or len(models) != 1 or len(paths) != 1 or misplaced:
-            raise TypeError(f"from_pretrained takes the reward model (an nn.Module) and the directory save_pretrained "
-                            f"wrote (a str or os.PathLike): from_pretrained(reward_model, path); got "
-                            f"{[type(a).__name__ for a in given]}")
-        (reward_model,), (save_directory,) = models, paths
-        meta = read_meta(save_directory)
-        model = cls(reward_model, meta["policy_dim"], config if config is not None else R2MConfig(**meta["config"]))
-        model.load_state(save_directory)
+        given = [a for a in (reward_model, path) if a is not None] + list(args)
+        reward_model, path, config = checkpoint.pretrained_arguments(given, config, save_directory)
+        meta = checkpoint.read_config(path)
+        model = cls(reward_model, meta["policy_dim"], config if config is not None else
+                    checkpoint.config_from(meta, path))
+        model.load_state(path)
         return model
 
     def load_state(self, save_directory: str | os.PathLike) -> None:
-        """Restore fusion, head, optimizer and noise state in place from `save_pretrained` output, after checking
-        that the checkpoint was made for the same kind of reward, dimensions and structural config.
+        """Restore fusion, head, optimizer and run state in place from `save_pretrained` output, after checking that
+        the checkpoint was made for the same kind of reward, dimensions and structural config (`r2m.checkpoint`).
 
-        A change of a ``TRAINING_FIELDS`` value is kept (the optimizer takes this config's ``lr``) and warned about.
+        A change of a training field (lr, alpha, ...) is kept (the optimizer takes this config's ``lr``) and warned
+        about.
         """
-        directory = Path(save_directory)
-        meta = read_meta(directory)
-        expected = {"kind": type(self).__name__, "rm_dim": self.rm_dim, "policy_dim": self.policy_dim,
-                    "attn_dim": self.fusion.attn_dim, "head_bias": self.head.bias is not None}
-        mismatched = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-        mismatched.update({f"config.{k}": (meta["config"].get(k), getattr(self.config, k))
-                           for k in STRUCTURAL_FIELDS if meta["config"].get(k) != getattr(self.config, k)})
-        if mismatched:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs this model {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"the R2M checkpoint in {directory} does not match this reward model/config ({details})")
-        for field in TRAINING_FIELDS:
-            old, new = meta["config"].get(field), getattr(self.config, field)
-            if field in meta["config"] and old != new:
-                warnings.warn(f"R2M checkpoint {directory} was trained with {field}={old!r}; resuming with this "
-                              f"config's {field}={new!r}", stacklevel=2)
-        weights = load_file(str(directory / WEIGHTS_NAME))
-        device = self.head.weight.device
-        self.fusion.load_state_dict({k[7:]: v.to(device) for k, v in weights.items() if k.startswith("fusion.")})
-        self.head.load_state_dict({k[5:]: v.to(device) for k, v in weights.items() if k.startswith("head.")})
-        self.total_steps = meta.get("total_steps", self.total_steps)
-        self.noise_seed = meta.get("noise_seed", self.noise_seed)
-        self.fused_scale_factor = float(meta.get("fused_scale_factor", 1.0))
-        optimizer_file = directory / OPTIMIZER_NAME
-        if optimizer_file.exists():
-            tensors = load_file(str(optimizer_file))
-            tensors.pop("noise_generator", None)  # written by earlier versions, whose noise was drawn per call
-            state: dict[int, dict[str, Tensor]] = {}
-            for key, value in tensors.items():
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-            self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr
-
-
-def read_meta(save_directory: str | os.PathLike) -> dict:
-    """The JSON side of an R2M checkpoint."""
-    path = Path(save_directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no R2M checkpoint at {save_directory}: {CONFIG_NAME} is missing")
-    return json.loads(path.read_text())
+        checkpoint.load(self, save_directory)
 
 
 def _spread_bound(base: Tensor, trained: Tensor, group_ok: Tensor) -> float:

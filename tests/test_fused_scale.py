@@ -123,7 +123,9 @@ def test_checkpoint_keeps_kappa_and_old_checkpoints_load_with_one(reward_model, 
                                model.reward_from_rte(rte, hidden, mask, 2), rtol=0, atol=0)
     meta_path = tmp_path / "ckpt" / "r2m_config.json"
     meta = json.loads(meta_path.read_text())
-    del meta["fused_scale_factor"], meta["config"]["fused_scale"]  # written before the option existed
+    state = json.loads((tmp_path / "ckpt" / "r2m_state.json").read_text())
+    del state["fused_scale_factor"], meta["config"]["fused_scale"]  # written before the option existed
+    (tmp_path / "ckpt" / "r2m_state.json").write_text(json.dumps(state))
     meta_path.write_text(json.dumps(meta))
     old = r2m.R2MRewardModel.from_pretrained(reward_model, tmp_path / "ckpt")
     assert old.config.fused_scale == "none"

@@ -95,10 +95,12 @@ def test_checkpoint_round_trip_and_kind_check(judge, tokenizer, tmp_path):
     mask = torch.ones(4, 3, dtype=torch.bool)
     model.update(rte, hidden, mask, base, 2, 1, base_rewards=base)
     model.save_pretrained(tmp_path / "judge")
-    for args in ((judge, tmp_path / "judge"), (tmp_path / "judge", judge)):  # PEFT's order and the older one
-        loaded = r2m.R2MJudgeModel.from_pretrained(*args)
-        assert isinstance(loaded, r2m.R2MJudgeModel)
-        assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters(),
+    loaded = r2m.R2MJudgeModel.from_pretrained(judge, tmp_path / "judge")
+    with pytest.warns(DeprecationWarning, match="the reward model comes first"):
+        older = r2m.R2MJudgeModel.from_pretrained(tmp_path / "judge", judge)
+    for restored in (loaded, older):
+        assert isinstance(restored, r2m.R2MJudgeModel)
+        assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(), restored.trainable_parameters(),
                                                      strict=True))
     with pytest.raises(TypeError, match="from_pretrained takes the reward model"):
         r2m.R2MJudgeModel.from_pretrained(SimpleNamespace(judge_model=judge), tmp_path / "judge")

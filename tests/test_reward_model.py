@@ -216,7 +216,7 @@ def test_save_and_load_round_trip_is_bit_identical(reward_model, tmp_path):
     for step in range(2):
         model.update(rte, hidden, mask, rewards, 4, step)
     model.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"r2m_config.json", "r2m_model.safetensors",
+    assert {p.name for p in tmp_path.iterdir()} == {"r2m_config.json", "r2m_state.json", "r2m_model.safetensors",
                                                     "r2m_optimizer.safetensors"}
     loaded = r2m.R2MRewardModel.from_pretrained(copy.deepcopy(reward_model), tmp_path)
     for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters(), strict=False):
@@ -233,7 +233,7 @@ def test_mismatched_checkpoint_is_refused(reward_model, tokenizer, tmp_path):
     make(reward_model).save_pretrained(tmp_path)
     wider = tiny.build_reward_model(tokenizer, "llama", hidden_size=48)
     with pytest.raises(ValueError, match="rm_dim: checkpoint 32 vs this model 48"):
-        r2m.R2MRewardModel.from_pretrained(tmp_path, wider)
+        r2m.R2MRewardModel.from_pretrained(wider, tmp_path)
     other = make(copy.deepcopy(reward_model), num_heads=4)
     with pytest.raises(ValueError, match=r"config\.num_heads: checkpoint 2 vs this model 4"):
         other.load_state(tmp_path)
@@ -306,20 +306,26 @@ def test_context_attend_gives_the_same_rewards_and_update(reward_model):
         noise.reward_from_rte(rte, None, None, 3, context=attend)
 
 
-def test_from_pretrained_takes_either_argument_order(reward_model, tmp_path):
+def test_from_pretrained_takes_the_old_argument_orders_with_a_deprecation_warning(reward_model, tmp_path):
     model = make(reward_model)
     rte, hidden, mask, rewards = batch(seed=31)
     model.update(rte, hidden, mask, rewards, 4, 0)
     model.save_pretrained(tmp_path)
-    calls = [lambda m: r2m.R2MRewardModel.from_pretrained(m, tmp_path),
-             lambda m: r2m.R2MRewardModel.from_pretrained(str(tmp_path), m),
-             lambda m: r2m.R2MRewardModel.from_pretrained(save_directory=tmp_path, reward_model=m),
-             lambda m: r2m.R2MRewardModel.from_pretrained(tmp_path, reward_model=m),
-             lambda m: r2m.R2MRewardModel.from_pretrained(tmp_path, m, None)]
-    for call in calls:
-        loaded = call(copy.deepcopy(reward_model))
-        assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(), loaded.trainable_parameters(),
-                                                     strict=True))
+    current = [lambda m: r2m.R2MRewardModel.from_pretrained(m, tmp_path),
+               lambda m: r2m.R2MRewardModel.from_pretrained(m, str(tmp_path), config=None),
+               lambda m: r2m.R2MRewardModel.from_pretrained(reward_model=m, path=tmp_path)]
+    old = [lambda m: r2m.R2MRewardModel.from_pretrained(str(tmp_path), m),
+           lambda m: r2m.R2MRewardModel.from_pretrained(save_directory=tmp_path, reward_model=m),
+           lambda m: r2m.R2MRewardModel.from_pretrained(tmp_path, m, None),
+           lambda m: r2m.R2MRewardModel.from_pretrained(m, tmp_path, model.config)]
+    for deprecated, calls in ((False, current), (True, old)):
+        for call in calls:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                loaded = call(copy.deepcopy(reward_model))
+            assert any(w.category is DeprecationWarning for w in record) == deprecated
+            assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(),
+                                                         loaded.trainable_parameters(), strict=True))
     for args in ((str(tmp_path), str(tmp_path)), (reward_model, reward_model), (reward_model, 3)):
         with pytest.raises(TypeError, match=r"from_pretrained takes the reward model \(an nn.Module\) and the "
                                             r"directory save_pretrained wrote .* got "):
