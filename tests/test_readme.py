@@ -89,3 +89,12 @@ def test_the_shell_lines_train_as_written(user_files):
 
     done = run([sys.executable, "-m", "r2m", *help_line[1:]], user_files)
     assert done.returncode == 0 and "--r2m_omega_min" in done.stdout
+
+
+def test_the_fast_loop_the_readme_names_is_the_makefile_target_and_skips_the_marked_tests():
+    assert "make test-fast" in README.read_text()
+    makefile = (README.parent / "Makefile").read_text()
+    recipe = re.search(r"^test-fast:.*\n\t(.+)$", makefile, flags=re.M).group(1)
+    assert recipe.endswith('-m pytest -m "not slow and not distributed"')
+    markers = (README.parent / "pyproject.toml").read_text()
+    assert '"slow: ' in markers and '"distributed: ' in markers
