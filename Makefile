@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-openrlhf demo test test-fast device-wheels
+.PHONY: install install-openrlhf install-verl demo test test-fast device-wheels
 
 # torch first, pinned to the local CPU wheel when none is installed: a looser requirement pulls a CUDA build.
 # constraints.txt: the tested versions of everything else.
@@ -15,10 +15,16 @@ install-openrlhf: install
 	$(PIP) install --no-deps openrlhf==0.11.2
 	DS_BUILD_OPS=0 $(PIP) install -c constraints.txt --no-build-isolation deepspeed==0.19.6
 
+# verl 0.9.1 pins transformers<5.11 (r2m is tested with 5.25): verl goes in without its dependencies, and so do
+# tensordict (its pyvers pins packaging<26) and TransferQueue; the rest of what verl imports is the [verl] extra.
+install-verl: install
+	$(PIP) install -c constraints.txt -e ".[verl]"
+	$(PIP) install --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0 TransferQueue==0.1.11
+
 demo: install
 	$(PYTHON) -m r2m demo --out out/demo
 
-test: install-openrlhf
+test: install-openrlhf install-verl
 	$(PYTHON) -m pytest
 
 # The contributor's loop, after one `make test` (or `make install-openrlhf`) has installed everything: all but the
