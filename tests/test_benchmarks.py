@@ -23,20 +23,22 @@ TINY_LAB = ["--steps", "4", "--groups", "2", "--generations", "4", "--rm-pairs",
 
 @pytest.mark.slow
 def test_lab(tmp_path):
-    variants = "vanilla,r2m,frozen:fusion_init=random,anchored:label_groups=1"
-    assert lab.main(["--variants", variants, "--seeds", "2", "--premise-pairs", "60", "--out", str(tmp_path),
-                     "--cache-dir", str(tmp_path / "cache"), *TINY_LAB]) == 0
+    variants = "vanilla,r2m,frozen:fusion_init=random,anchored:label_groups=1,oracle,mix=0.5,unbiased"
+    assert lab.main(["--variants", variants, "--seeds", "2", "--first-seed", "1", "--premise-pairs", "60",
+                     "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *TINY_LAB]) == 0
     payload = outputs(tmp_path, "lab")
     rows = {r["variant"]: r for r in payload["summary"]}
     assert list(rows) == variants.split(",") and rows["r2m"]["seeds"] == 2
     runs = payload["runs"]
+    assert payload["seeds"] == [1, 2] and set(runs["r2m"]) == {"1", "2"} and set(payload["premise"]) == {"1", "2"}
+    assert payload["controls"] == {"oracle": "oracle", "mix=0.5": "mix", "unbiased": "unbiased"}
     for label in ("r2m", "frozen:fusion_init=random"):
         paired = rows[label]["vs_vanilla"]["gold_end"]
-        diffs = [runs[label][s]["curve"][-1]["gold"] - runs["vanilla"][s]["curve"][-1]["gold"] for s in ("0", "1")]
+        diffs = [runs[label][s]["curve"][-1]["gold"] - runs["vanilla"][s]["curve"][-1]["gold"] for s in ("1", "2")]
         assert paired["n"] == 2 and paired["mean"] == pytest.approx(sum(diffs) / 2)
         assert isinstance(paired["excludes_zero"], bool)
         assert rows[label]["gold_end"]["low"] <= rows[label]["gold_end"]["mean"] <= rows[label]["gold_end"]["high"]
-    curve = runs["r2m"]["0"]["curve"]
+    curve = runs["r2m"]["1"]["curve"]
     # two policy epochs per generation batch (the lab's default): scored at steps 1 and 3, R2M updated at 2 and 4
     assert [r["step"] for r in curve] == [1, 3] and all(-1.0 <= r["gold"] <= 1.0 for r in curve)
     assert all(r["kl"] is not None and r["update_head"] > 0 and 0 <= r["onpolicy_acc_proxy"] <= 1 for r in curve)
@@ -45,16 +47,28 @@ def test_lab(tmp_path):
     assert rows["vanilla"]["update_head"]["mean"] == 0.0 and rows["r2m"]["extra_policy_forwards"] == 0
     assert rows["frozen:fusion_init=random"]["update_head"]["mean"] == 0.0
     # random fusion_init: R2M w/o Train scores unlike the proxy once w(t) < 1
-    frozen = runs["frozen:fusion_init=random"]["0"]["curve"]
+    frozen = runs["frozen:fusion_init=random"]["1"]["curve"]
     assert frozen[-1]["trained"] != pytest.approx(frozen[-1]["proxy"], rel=1e-3)
-    anchored = runs["anchored:label_groups=1"]["0"]["curve"]
+    anchored = runs["anchored:label_groups=1"]["1"]["curve"]
     assert all(r["anchor_bt"] > 0 and r["label_ms"] > 0 for r in anchored)
-    assert 0 < payload["kl_budget"] <= min(max(r["kl"] for r in run["curve"])
-                                           for by_seed in runs.values() for run in by_seed.values())
-    premise = payload["premise"]["0"]
+    # the controls: the oracle's trained reward is the gold reward, so it ranks its own samples as gold does
+    oracle = runs["oracle"]["1"]["curve"]
+    assert all(r["trained"] == pytest.approx(r["gold"]) and r["onpolicy_acc_trained"] in (1.0, None) for r in oracle)
+    assert rows["oracle"]["rank_gap"]["mean"] > 0 and "update_size" not in rows["oracle"]
+    assert rows["unbiased"]["update_size"]["mean"] == 0.0 and rows["r2m"]["update_size"]["mean"] > 0
+    assert all(r["rank_gap"] == pytest.approx(r["onpolicy_acc_trained"] - r["onpolicy_acc_proxy"])
+               for r in runs["r2m"]["2"]["curve"] if r["rank_gap"] is not None)
+    assert rows["oracle"]["oracle_gap_share"]["gold_end"] == pytest.approx(1.0)
+    assert rows["vanilla"]["rank_gap"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    # controls do not set the matched-KL budget
+    not_controls = [label for label in runs if label not in payload["controls"]]
+    assert payload["kl_budget"] == pytest.approx(min(max(r["kl"] for r in run["curve"])
+                                                     for label in not_controls for run in runs[label].values()))
+    premise = payload["premise"]["1"]
     assert set(premise) == {"pretrained", "random_init"} and premise["pretrained"]["test_pairs"] == 18
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()) == ["init", "init", "sft", "sft"]
-    assert "Premise check" in (tmp_path / "lab.md").read_text()
+    text = (tmp_path / "lab.md").read_text()
+    assert "Premise check" in text and "Share of the vanilla-to-oracle gap" in text and "d_gold@kl=" in text
 
 
 def test_lab_refuses_bad_arguments(tmp_path):
@@ -64,6 +78,10 @@ def test_lab_refuses_bad_arguments(tmp_path):
         lab.main(["--variants", "r2m:lr=1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         lab.main(["--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--first-seed must be >= 0"):
+        lab.main(["--first-seed", "-1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--kl-points must be > 0"):
+        lab.main(["--kl-points", "0,1", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         variant = Variant.parse(args.variant)
     except ValueError as error:
         raise SystemExit(f"r2m bench accuracy: --variant: {error}") from None
+    if variant.is_control:
+        raise SystemExit(f"r2m bench accuracy: --variant: {variant.label!r} is a control; it trains no R2M reward")
     rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in tqdm(range(args.seeds), desc="accuracy seeds"):

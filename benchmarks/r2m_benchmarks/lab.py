@@ -5,14 +5,29 @@ responses, cached under ``--cache-dir``; ``--random-init`` for the untrained one
 it (`r2m.benchmarks.lab_world.premise_check`). Then every variant trains the same initial policy with TRL's
 GRPOTrainer against the proxy wrapped by R2M in the variant's mode, on the same prompts, so that runs pair by seed.
 
-A variant is an R2M mode with optional `LabRunConfig` overrides: ``r2m``, ``r2m:r2m_lr=1e-5``,
-``frozen:fusion_init=random``. Per variant the table gives gold reward at the end (mean of the last 1/``bins`` of
-the steps) and at the peak (highest window), each with a 95% t-interval over seeds; gold at matched KL: at KL = K*
-(K* the smallest largest-KL of all runs) and its mean over KL in [0, K*] (the area under the gold-vs-KL curve over
-K*); the paired difference to ``vanilla`` per seed with its 95% t-interval (``exceeds_spread``: the interval
-excludes 0); the collapse rate (share of seeds whose policy puts the spurious word in most responses at the end);
-the reward scale (the trained reward's within-group spread over the proxy's); and R2M's relative update size per
-step. Writes ``lab.json`` (all curves), ``lab.md`` and ``lab.png``. ``--quick`` is what `r2m demo` runs.
+A variant is an R2M mode with optional `LabRunConfig` overrides (``r2m``, ``r2m:r2m_lr=1e-5``,
+``frozen:fusion_init=random``; ``r2m:r2m_lr=1e-4|1e-3|1e-2`` expands to one variant per value: a sweep) or a
+control (`CONTROLS`): ``oracle`` (the policy trained on the gold reward: the positive control), ``mix=<lambda>``
+(trained on ``(1 - lambda) z(proxy) + lambda z(gold)``) and ``unbiased`` (vanilla over a proxy RM trained on pairs
+without the spurious correlation). The question the lab answers is whether a variant made the reward better, so
+per variant it reports, each as a mean with its 95% t-interval over seeds and as the paired difference to
+``vanilla`` per seed (``exceeds_spread``: that interval excludes 0):
+
+- the on-policy ranking gap: how much better than the proxy the trained reward ranks the policy's own samples by
+  gold (share of within-group pairs ordered as gold orders them, trained minus proxy, mean over the run);
+- gold at matched KL: at KL = K* (K* the smallest largest-KL of the non-control runs: controls do not set it) and
+  its mean over KL in [0, K*]; and gold at the fixed KL values ``--kl-points``, paired over the seeds where both runs
+  reach the value;
+- gold at the end (mean of the last 1/``bins`` of the steps), always beside KL at the end: gold_end alone rewards
+  anything that slows the policy;
+- with ``oracle`` among the variants, each variant's share of the vanilla-to-oracle gap (paired means);
+- the collapse rate (share of seeds whose policy puts the spurious word in most responses at the end), the reward
+  scale (the trained reward's within-group spread over the proxy's) and R2M's relative update size per update
+  (``r2m/update_size`` where the reward logs it, else the head's change measured by the lab).
+
+Seeds run from ``--first-seed`` (choose settings on seeds 0-9, report them on 10-19). Writes ``lab.json`` (all
+curves), ``lab.md``, ``lab.png`` and, with variants that differ in ``label_groups``, ``label_budget.png``.
+``--quick`` is what `r2m demo` runs.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from r2m.benchmarks.lab_grpo import LabRunConfig, initial_policy, train_variant
+from r2m.benchmarks.lab_grpo import CONTROLS, LabRunConfig, initial_policy, train_variant
 from r2m.benchmarks.lab_world import LabConfig, LabWorld, PretrainConfig, premise_check
 from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
@@ -40,10 +55,12 @@ from r2m.reward_model import R2MRewardModel
 VARIANTS = ("vanilla", "r2m", "r2m:fused_scale=base_spread", "r2m:r2m_lr=1e-3",
             "r2m:r2m_lr=1e-3:fused_scale=base_spread", "anchored:label_groups=2", "head_only:label_groups=2",
             "anchored:anchor_pairs=64", "head_only:anchor_pairs=64")
-QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,r2m"}
+QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,r2m"}
 DEFAULTS = {"seeds": 10, "steps": 300, "variants": ",".join(VARIANTS)}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
-PAIRED_METRICS = ("gold_end", "gold_peak", "gold_at_kl", "gold_auc_kl")
+PAIRED_METRICS = ("rank_gap", "gold_at_kl", "gold_auc_kl", "gold_end", "kl_end", "gold_peak")
+GAP_METRICS = ("rank_gap", "gold_at_kl", "gold_end")  # shown as shares of the vanilla-to-oracle gap
+KL_POINTS = (0.25, 0.5, 1.0, 1.5)
 GOLD_MIN_FALL = 0.02  # a run's gold has fallen when its last window is this far below its peak
 SIMILARITY_MIN_RISE = 0.01  # its state similarity has risen when its maximum is this far above its start
 
@@ -130,23 +147,52 @@ class Variant:
     mode: str
     overrides: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def is_control(self) -> bool:
+        return self.mode in CONTROLS
+
     @classmethod
     def parse(cls, spec: str) -> Variant:
         mode, *assignments = spec.strip().split(":")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} in variant {spec!r}; choose from {MODES}")
-        fields = {f.name for f in dataclasses.fields(LabRunConfig)} - {"seed", "steps", "sft"}
         overrides = []
+        if mode.startswith("mix="):
+            mode, assignments = "mix", [mode, *assignments]
+        if mode not in MODES and mode not in CONTROLS:
+            raise ValueError(f"unknown mode {mode!r} in variant {spec!r}; choose an R2M mode of {MODES} or a "
+                             f"control of {CONTROLS} (mix as mix=<lambda>)")
+        if mode == "mix" and not any(a.startswith("mix=") for a in assignments):
+            raise ValueError(f"variant {spec!r}: the mix control needs its gold weight, mix=<lambda>")
+        fields = {f.name for f in dataclasses.fields(LabRunConfig)} - {"seed", "steps", "sft"}
         for assignment in assignments:
             name, sep, value = assignment.partition("=")
             if not sep or name not in fields:
                 raise ValueError(f"variant {spec!r}: {assignment!r} is not field=value with a field of "
                                  f"{sorted(fields)}")
             overrides.append((name, _value(value)))
+        if mode != "mix" and any(name == "mix" for name, _ in overrides):
+            raise ValueError(f"variant {spec!r}: mix= belongs to the mix control only")
         return cls(spec.strip(), mode, tuple(overrides))
 
     def run_config(self, base: LabRunConfig) -> LabRunConfig:
         return dataclasses.replace(base, **dict(self.overrides))
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """Comma-separated variant specs; a value ``a|b|c`` in one spec expands it into one variant per value (a sweep,
+    e.g. ``r2m:r2m_lr=1e-4|1e-3``). Labels must be unique."""
+    specs = []
+    for spec in (v.strip() for v in text.split(",") if v.strip()):
+        expanded = [""]
+        for i, part in enumerate(spec.split(":")):
+            name, sep, values = part.partition("=")
+            options = [f"{name}{sep}{v}" for v in values.split("|")] if sep else [part]
+            expanded = [f"{e}{':' if i else ''}{o}" for e in expanded for o in options]
+        specs += expanded
+    variants = [Variant.parse(spec) for spec in specs]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"a variant is given twice in {labels}")
+    return variants
 
 
 def _value(text: str) -> object:
@@ -164,19 +210,21 @@ def _value(text: str) -> object:
 class LabResult:
     record: dict
     policy: torch.nn.Module
-    r2m: R2MRewardModel
+    r2m: R2MRewardModel | None
     initial_policy: Path
 
 
 def run_once(variant: Variant, run: LabRunConfig, world: LabWorld, proxy: torch.nn.Module, cache_dir: Path,
-             work_dir: Path) -> LabResult:
-    """Train the seed's initial policy against the proxy wrapped in ``variant``; returns the run record, the trained
-    policy, the trained R2M reward and the initial policy's directory."""
+             work_dir: Path, unbiased_rm: torch.nn.Module | None = None) -> LabResult:
+    """Train the seed's initial policy against the proxy wrapped in ``variant`` (control ``unbiased``: against
+    ``unbiased_rm``); returns the run record, the trained policy, the trained R2M reward (None for controls
+    ``oracle`` and ``mix``) and the initial policy's directory."""
     run = variant.run_config(run)
-    policy_dir = initial_policy(world, run, cache_dir)
-    record, trainer, reward = train_variant(variant.mode, run, world, proxy, policy_dir,
-                                            work_dir / f"{variant.label.replace(':', '_')}-{run.seed}", variant.label)
-    return LabResult(record, trainer.model.eval(), reward.r2m_model, policy_dir)
+    policy_dir = initial_policy(world, run, cache_dir, progress=True)
+    work = work_dir / f"{variant.label.replace(':', '_').replace('=', '-')}-{run.seed}"
+    record, trainer, reward = train_variant(variant.mode, run, world, proxy, policy_dir, work, variant.label,
+                                            reward_model=unbiased_rm if variant.mode == "unbiased" else None)
+    return LabResult(record, trainer.model.eval(), None if reward is None else reward.r2m_model, policy_dir)
 
 
 def check_premise(world: LabWorld, proxy: torch.nn.Module, run: LabRunConfig, cache_dir: Path,
@@ -187,7 +235,7 @@ def check_premise(world: LabWorld, proxy: torch.nn.Module, run: LabRunConfig, ca
     prompts = world.prompts(256, seed=90_000 + run.seed)
     result = {}
     for name, pretrain in (("pretrained", True), ("random_init", False)):
-        path = initial_policy(world, dataclasses.replace(run, pretrain=pretrain), cache_dir)
+        path = initial_policy(world, dataclasses.replace(run, pretrain=pretrain), cache_dir, progress=True)
         policy = AutoModelForCausalLM.from_pretrained(path).eval()
         responses = world.sample(policy, prompts, run.temperature, seed=run.seed)
         result[name] = {"sampled_gold": statistics.fmean(world.gold_reward(p, r)
@@ -196,21 +244,25 @@ def check_premise(world: LabWorld, proxy: torch.nn.Module, run: LabRunConfig, ca
     return result
 
 
-def summarise(runs: dict[str, dict[int, dict]], baseline: str = "vanilla") -> tuple[list[dict], float | None]:
-    """Per variant the metrics above (each a `mean_interval` over seeds) and the paired differences to
-    ``baseline``; returns the rows and the matched-KL budget K*."""
-    reached = [max((row["kl"] for row in r["curve"] if row["kl"] is not None), default=0.0)
-               for by_seed in runs.values() for r in by_seed.values()]
+def summarise(runs: dict[str, dict[int, dict]], baseline: str = "vanilla", controls: dict[str, str] | None = None,
+              kl_points: tuple[float, ...] = KL_POINTS) -> tuple[list[dict], float | None]:
+    """Per variant the metrics above (each a `mean_interval` over seeds), the paired differences to ``baseline`` and,
+    with an ``oracle`` control among ``controls`` (label -> control), each variant's share of the vanilla-to-oracle
+    gap (only for metrics the oracle has on every seed: it may never reach K*); returns the rows and the matched-KL
+    budget K* (set by the variants that are not controls)."""
+    controls = controls or {}
+    reached = [_max_kl(r["curve"]) for label, by_seed in runs.items() if label not in controls
+               for r in by_seed.values()]
     budget = min(reached) if reached and min(reached) > 0 else None
-    per_seed: dict[str, dict[str, dict[int, float]]] = {}
+    per_seed: dict[str, dict[str, dict[int, float | None]]] = {}
     rows = []
     for label, by_seed in runs.items():
-        metrics: dict[str, dict[int, float]] = {}
+        metrics: dict[str, dict[int, float | None]] = {}
         for seed, run in by_seed.items():
-            for key, value in run_metrics(run["curve"], budget).items():
+            for key, value in run_metrics(run["curve"], budget, kl_points).items():
                 metrics.setdefault(key, {})[seed] = value
         per_seed[label] = metrics
-        row = {"variant": label, "seeds": len(by_seed),
+        row = {"variant": label, "control": controls.get(label), "seeds": len(by_seed),
                "collapse_rate": statistics.fmean(v > COLLAPSE_SHARE for v in metrics["spurious_end"].values()),
                "extra_policy_forwards": sum(r["extra_policy_forwards"] for r in by_seed.values()),
                "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in by_seed.values()),
@@ -218,27 +270,62 @@ def summarise(runs: dict[str, dict[int, dict]], baseline: str = "vanilla") -> tu
         row.update({key: mean_interval([v for v in values.values() if v is not None])
                     for key, values in metrics.items() if any(v is not None for v in values.values())})
         rows.append(row)
+    paired_keys = (*PAIRED_METRICS, *(_kl_key(x) for x in kl_points))
     if baseline in per_seed:
         for row in rows:
-            if row["variant"] != baseline:
-                row["vs_" + baseline] = {key: paired_difference(per_seed[row["variant"]][key], per_seed[baseline][key])
-                                         for key in PAIRED_METRICS if key in per_seed[baseline]
-                                         and key in per_seed[row["variant"]]}
+            if row["variant"] == baseline:
+                continue
+            diffs = {}
+            for key in paired_keys:
+                mine, base = (_known(per_seed[label].get(key, {})) for label in (row["variant"], baseline))
+                if set(mine) & set(base):
+                    diffs[key] = paired_difference(mine, base)
+            row["vs_" + baseline] = diffs
+    oracle = next((label for label, control in controls.items() if control == "oracle" and label in per_seed), None)
+    if oracle is not None and baseline in per_seed:
+        gap = next(r for r in rows if r["variant"] == oracle)["vs_" + baseline]
+        seeds = len(runs[oracle])  # a share only where the oracle pairs with vanilla on every seed
+        for row in rows:
+            diffs = {} if row["variant"] == baseline else row["vs_" + baseline]
+            row["oracle_gap_share"] = {
+                key: (0.0 if row["variant"] == baseline else diffs[key]["mean"] / gap[key]["mean"])
+                for key in (*GAP_METRICS, *(_kl_key(x) for x in kl_points))
+                if key in gap and gap[key]["mean"] != 0 and gap[key]["n"] == seeds
+                and (row["variant"] == baseline or key in diffs)}
     return rows, budget
 
 
-def run_metrics(curve: list[dict], budget: float | None) -> dict[str, float | None]:
-    """One run's summary numbers from its binned curve."""
+def _kl_key(value: float) -> str:
+    return f"gold@kl={value:g}"
+
+
+def _known(values: dict[int, float | None]) -> dict[int, float]:
+    return {seed: v for seed, v in values.items() if v is not None and not math.isnan(v)}
+
+
+def _max_kl(curve: list[dict]) -> float:
+    return max((row["kl"] for row in curve if row.get("kl") is not None), default=0.0)
+
+
+def run_metrics(curve: list[dict], budget: float | None,
+                kl_points: tuple[float, ...] = KL_POINTS) -> dict[str, float | None]:
+    """One run's summary numbers from its binned curve (gold at a KL value the run never reaches: None)."""
     end = curve[-1]
+    update = "update_size" if any(r.get("update_size") is not None for r in curve) else "update_head"
     metrics = {"gold_end": end["gold"], "gold_peak": max(r["gold"] for r in curve),
-               **{f"{key}_end": end[key] for key in ("proxy", "trained", "kl", "spurious", "spread_trained",
-                                                     "spread_proxy", "onpolicy_acc_trained", "onpolicy_acc_proxy",
-                                                     "state_similarity")},
+               **{f"{key}_end": end.get(key) for key in ("proxy", "trained", "kl", "spurious", "repeat",
+                                                         "spread_trained", "spread_proxy", "onpolicy_acc_trained",
+                                                         "onpolicy_acc_proxy", "state_similarity")},
                "spread_ratio_max": max((r["spread_trained"] / r["spread_proxy"] for r in curve if r["spread_proxy"]),
                                        default=None),
-               **{key: _mean_of(curve, key) for key in ("update_head", "update_fusion", "label_ms")}}
-    if budget is not None:
-        metrics["gold_at_kl"], metrics["gold_auc_kl"] = gold_at_kl(curve, budget)
+               "rank_gap": _mean_of(curve, "rank_gap"), "update_size": _mean_of(curve, update),
+               **{key: _mean_of(curve, key) for key in ("update_head", "update_fusion", "label_ms", "anchor_bt")}}
+    kl_curve = [r for r in curve if r.get("kl") is not None]
+    top = _max_kl(kl_curve)
+    if budget is not None and kl_curve and top >= budget:
+        metrics["gold_at_kl"], metrics["gold_auc_kl"] = gold_at_kl(kl_curve, budget)
+    for value in kl_points:
+        metrics[_kl_key(value)] = gold_at_kl(kl_curve, value)[0] if kl_curve and 0 < value <= top else None
     return metrics
 
 
@@ -324,25 +411,50 @@ def format_interval(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}g} [{stat['low']:.{digits}g}, {stat['high']:.{digits}g}]"
 
 
-def tables(rows: list[dict], premise: dict[int, dict], budget: float | None) -> str:
-    """The markdown report: results per variant, paired differences to vanilla, the state-similarity monitor's
-    lead over gold's fall (`monitor_table`) and the premise check."""
+def tables(rows: list[dict], premise: dict[int, dict], budget: float | None,
+           kl_points: tuple[float, ...] = KL_POINTS) -> str:
+    """The markdown report: results per variant, paired differences to vanilla, shares of the vanilla-to-oracle
+    gap, gold at fixed KL values, the state-similarity monitor's lead over gold's fall (`monitor_table`) and the
+    premise check."""
     main = [{"variant": r["variant"], "seeds": r["seeds"],
-             **{key: format_interval(r.get(key)) for key in ("gold_end", "gold_peak", "gold_at_kl", "gold_auc_kl",
-                                                            "kl_end")},
+             **{key: format_interval(r.get(key)) for key in ("rank_gap", "gold_at_kl", "gold_auc_kl", "gold_end",
+                                                            "kl_end", "gold_peak")},
              "collapse_rate": r["collapse_rate"], "spurious_end": format_interval(r["spurious_end"]),
+             "repeat_end": format_interval(r.get("repeat_end")),
              "proxy_end": format_interval(r["proxy_end"]), "trained_end": format_interval(r["trained_end"]),
              "spread_trained/proxy_end": f"{r['spread_trained_end']['mean']:.3g} / {r['spread_proxy_end']['mean']:.3g}",
-             "update_head": format_interval(r.get("update_head"), 2)} for r in rows]
+             "update_size": format_interval(r.get("update_size"), 2)} for r in rows]
     text = markdown_table(main, list(main[0]))
-    paired = [{"variant": r["variant"], **{f"d_{key}": format_interval(diff.get(key)) for key in PAIRED_METRICS},
-               "exceeds_spread": diff["gold_end"]["excludes_zero"]}
-              for r in rows if (diff := r.get("vs_vanilla"))]
+    text += ("\nrank_gap: on-policy ranking of the policy's own samples by gold, trained reward minus proxy (share of "
+             "within-group pairs ordered as gold orders them; run mean); gold_at_kl: gold at the matched KL K* (below) "
+             "and gold_auc_kl its mean over KL in [0, K*]; gold_end always beside kl_end; repeat_end: the share of a "
+             "response's words that repeat an earlier one; update_size: relative change of the R2M weights per "
+             "update\n")
+    paired = [{"variant": r["variant"],
+               **{f"d_{key}": format_interval(diff.get(key)) for key in PAIRED_METRICS},
+               "rank_gap_exceeds_spread": diff.get("rank_gap", {}).get("excludes_zero"),
+               "gold_at_kl_exceeds_spread": diff.get("gold_at_kl", {}).get("excludes_zero"),
+               "gold_end_exceeds_spread": diff.get("gold_end", {}).get("excludes_zero")}
+              for r in rows if (diff := r.get("vs_vanilla")) is not None]
     if paired:
-        text += ("\nPaired difference to vanilla per seed, mean [95% t-interval]; exceeds_spread: the d_gold_end "
-                 "interval excludes 0\n\n" + markdown_table(paired, list(paired[0])))
+        text += ("\nPaired difference to vanilla per seed, mean [95% t-interval]; *_exceeds_spread: that interval "
+                 "excludes 0\n\n" + markdown_table(paired, list(paired[0])))
+    shares = [{"variant": r["variant"], **{f"share_{key}": f"{v:.2f}" for key, v in r["oracle_gap_share"].items()}}
+              for r in rows if r.get("oracle_gap_share")]
+    if shares:
+        columns = ["variant", *dict.fromkeys(k for row in shares for k in row if k != "variant")]
+        text += ("\nShare of the vanilla-to-oracle gap, (variant - vanilla) / (oracle - vanilla) of the paired means "
+                 "(1: as good as training on the gold reward; 0: no better than vanilla)\n\n"
+                 + markdown_table(shares, columns))
+    fixed = [{"variant": r["variant"],
+              **{f"d_gold@kl={x:g}": _with_n(diff.get(_kl_key(x))) for x in kl_points}}
+             for r in rows if (diff := r.get("vs_vanilla")) is not None]
+    if fixed:
+        text += ("\nGold at fixed KL values, paired difference to vanilla over the seeds where both runs reach the "
+                 "value (n: such seeds), mean [95% t-interval]\n\n" + markdown_table(fixed, list(fixed[0])))
     text += monitor_table(rows)
-    text += f"\nMatched-KL budget K* = {'none (no KL logged)' if budget is None else f'{budget:.4g}'}\n"
+    text += (f"\nMatched-KL budget K* = {'none (no KL logged)' if budget is None else f'{budget:.4g}'} (the smallest "
+             "largest KL of the runs that are not controls)\n")
     if premise:
         seeds = sorted(premise)
         keys = ("sampled_gold", "same_class_cos_centred", "cross_class_cos_centred", "same_class_cos",
@@ -354,19 +466,25 @@ def tables(rows: list[dict], premise: dict[int, dict], budget: float | None) -> 
     return text
 
 
+def _with_n(stat: dict | None) -> str:
+    return "" if not stat else f"{format_interval(stat)} (n={stat['n']})"
+
+
 def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
     panels = (("gold", "gold reward (the truth)"), (None, "gold reward vs KL"),
+              ("rank_gap", "on-policy ranking gap: trained - proxy"),
               ("spread_ratio", "trained / proxy within-group spread"),
-              ("onpolicy_acc_trained", "on-policy accuracy of the trained reward"),
-              ("spurious", "share of responses with the spurious word"), ("update_head", "R2M head update size"))
-    fig, axes = subplots(2, 3, figsize=(16, 8.5))
+              ("spurious", "share of responses with the spurious word"),
+              ("repeat", "share of repeated words in a response"), ("kl", "KL to the initial policy"),
+              ("update_size", "R2M update size (relative)"))
+    fig, axes = subplots(2, 4, figsize=(21, 8.5))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for index, (label, by_seed) in enumerate(runs.items()):
             style = {"label": label, "color": f"C{index % 10}", "linestyle": "-" if index < 10 else "--"}
             curves = [r["curve"] for r in by_seed.values()]
             steps = [r["step"] for r in curves[0]]
             if key is None:
-                kl = [statistics.fmean(c[i]["kl"] or 0.0 for c in curves) for i in range(len(steps))]
+                kl = [statistics.fmean(c[i].get("kl") or 0.0 for c in curves) for i in range(len(steps))]
                 ax.plot(kl, [statistics.fmean(c[i]["gold"] for c in curves) for i in range(len(steps))],
                         marker=".", **style)
                 continue
@@ -379,7 +497,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
                 ax.fill_between(steps, [s["low"] for s in stats], [s["high"] for s in stats], alpha=0.15,
                                 color=style["color"])
         ax.set(title=title, xlabel="KL to the initial policy" if key is None else "policy step")
-        if key in ("spread_ratio", "update_head"):
+        if key in ("spread_ratio", "update_size"):
             ax.set_yscale("log")
     seeds = len(next(iter(runs.values())))
     axes.flat[0].set_title(f"gold reward (the truth): mean and 95% interval over {seeds} seed(s)")
@@ -390,8 +508,52 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 def _point(row: dict, key: str) -> float | None:
     if key == "spread_ratio":
         return row["spread_trained"] / row["spread_proxy"] if row["spread_proxy"] else None
-    value = row.get(key)
-    return value if value is None or value > 0 or key != "update_head" else None
+    if key == "update_size":
+        value = row.get("update_size", row.get("update_head"))
+        return value if value is not None and value > 0 else None
+    return row.get(key)
+
+
+def plot_label_budget(rows: list[dict], variants: list[Variant], path: Path) -> bool:
+    """Metric vs labelled groups per batch, one line per R2M mode (and other overrides), vanilla and the oracle as
+    horizontal lines: the ranking gap and gold at K* (paired to vanilla). Only when some variants differ in
+    ``label_groups`` alone; returns whether it drew."""
+    by_label = {r["variant"]: r for r in rows}
+    lines: dict[str, list[tuple[int, dict]]] = {}
+    for v in variants:
+        overrides = dict(v.overrides)
+        if v.is_control or "label_groups" not in overrides:
+            continue
+        rest = ":".join([v.mode, *(f"{k}={x}" for k, x in v.overrides if k != "label_groups")])
+        lines.setdefault(rest, []).append((overrides["label_groups"], by_label[v.label]))
+    lines = {name: sorted(points, key=lambda p: p[0]) for name, points in lines.items() if len(points) > 1}
+    if not lines:
+        return False
+    fig, axes = subplots(1, 2, figsize=(12, 4.5))
+    for ax, (key, title) in zip(axes, (("rank_gap", "on-policy ranking gap (trained - proxy)"),
+                                       ("d_gold_at_kl", "gold at matched KL K*, paired to vanilla")), strict=True):
+        for index, (name, points) in enumerate(lines.items()):
+            stats = [_budget_stat(row, key) for _, row in points]
+            xs = [x for (x, _), st in zip(points, stats, strict=True) if st]
+            stats = [st for st in stats if st]
+            ax.errorbar(xs, [st["mean"] for st in stats], marker="o", color=f"C{index}", label=name, capsize=3,
+                        yerr=[[st["mean"] - (st["low"] if st["low"] is not None else st["mean"]) for st in stats],
+                              [(st["high"] if st["high"] is not None else st["mean"]) - st["mean"] for st in stats]])
+        for name, style in (("vanilla", "k--"), ("oracle", "g:")):
+            if name in by_label and (st := _budget_stat(by_label[name], key)):
+                ax.axhline(st["mean"], color=style[0], linestyle=style[1:], label=name)
+        ax.set(title=title, xlabel="labelled groups per batch")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def _budget_stat(row: dict, key: str) -> dict | None:
+    if key == "d_gold_at_kl":
+        if row["variant"] == "vanilla":
+            return {"mean": 0.0, "low": None, "high": None}
+        return row.get("vs_vanilla", {}).get("gold_at_kl")
+    return row.get(key)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -423,12 +585,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="gold-labelled pairs the proxy RM is trained on")
     p.add_argument("--rm-bias", type=float, default=world.rm_bias,
                    help="how often the better response of a training pair carries the spurious word")
+    p.add_argument("--rm-repeat-share", type=float, default=world.rm_repeat_share,
+                   help="share of the proxy RM's training responses that repeat one or two words throughout")
 
 
 def world_and_run(options: argparse.Namespace, seed: int) -> tuple[LabWorld, LabRunConfig]:
     world = LabWorld(LabConfig(seed=seed, spurious_word=options.spurious_word,
                                spurious_penalty=options.spurious_penalty, rm_pairs=options.rm_pairs,
-                               rm_bias=options.rm_bias))
+                               rm_bias=options.rm_bias, rm_repeat_share=options.rm_repeat_share))
     run = LabRunConfig(steps=options.steps, seed=seed, groups=options.groups, generations=options.generations,
                        temperature=options.temperature, policy_lr=options.policy_lr, beta=options.beta,
                        pretrain=not options.random_init, r2m_lr=options.r2m_lr, alpha=options.alpha,
@@ -445,7 +609,12 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
     add_quick(p, QUICK)
     p.add_argument("--variants", help=f"comma-separated mode[:field=value...] (default {DEFAULTS['variants']})")
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
-    p.add_argument("--premise-pairs", type=int, default=2000, help="unbiased gold pairs of the premise check")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (choose settings on 0-9, report them on 10-19)")
+    p.add_argument("--kl-points", default=",".join(f"{x:g}" for x in KL_POINTS),
+                   help="comma-separated KL values at which gold is compared (paired where both runs reach them)")
+    p.add_argument("--premise-pairs", type=int, default=2000,
+                   help="unbiased gold pairs of the premise check (0: no premise check)")
     add_run_options(p)
     return p
 
@@ -456,38 +625,59 @@ def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = 
     options.quick = options.quick or quick
     resolve_defaults(options, QUICK, DEFAULTS)
     try:
-        variants = [Variant.parse(v) for v in options.variants.split(",") if v.strip()]
+        variants = parse_variants(options.variants)
     except ValueError as error:
         raise SystemExit(f"{prog}: --variants: {error}") from None
+    try:
+        kl_points = tuple(float(x) for x in options.kl_points.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"{prog}: --kl-points must be comma-separated numbers, got {options.kl_points!r}") from None
+    if any(x <= 0 for x in kl_points):
+        raise SystemExit(f"{prog}: --kl-points must be > 0, got {options.kl_points!r}")
     for name in ("seeds", "steps"):
         if getattr(options, name) < 1:
             raise SystemExit(f"{prog}: --{name} must be >= 1, got {getattr(options, name)}")
+    if options.first_seed < 0:
+        raise SystemExit(f"{prog}: --first-seed must be >= 0, got {options.first_seed}")
+    seeds = range(options.first_seed, options.first_seed + options.seeds)
     runs: dict[str, dict[int, dict]] = {v.label: {} for v in variants}
+    controls = {v.label: v.mode for v in variants if v.is_control}
     premise: dict[int, dict] = {}
     cache = Path(options.cache_dir)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=options.seeds * len(variants), desc="lab runs") as progress:
-        for seed in range(options.seeds):
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(seeds) * len(variants), desc="lab runs") as progress:
+        for seed in seeds:
             world, run = world_and_run(options, seed)
-            proxy = world.train_proxy()
-            premise[seed] = check_premise(world, proxy, run, cache, options.premise_pairs)
+            progress.set_postfix(stage="proxy RM", seed=seed)
+            proxy = world.train_proxy(progress=f"proxy RM, seed {seed}")
+            unbiased = (world.train_proxy(progress=f"unbiased RM, seed {seed}", bias=0.5)
+                        if "unbiased" in controls.values() else None)
+            progress.set_postfix(stage="policy SFT", seed=seed)
+            initial_policy(world, run, cache, progress=True)
+            if options.premise_pairs:
+                progress.set_postfix(stage="premise check", seed=seed)
+                premise[seed] = check_premise(world, proxy, run, cache, options.premise_pairs)
             for variant in variants:
                 progress.set_postfix(variant=variant.label, seed=seed)
-                runs[variant.label][seed] = run_once(variant, run, world, proxy, cache, Path(tmp)).record
+                runs[variant.label][seed] = run_once(variant, run, world, proxy, cache, Path(tmp), unbiased).record
                 progress.update()
-    rows, budget = summarise(runs)
-    text = tables(rows, premise, budget)
-    result = write_results(options.out, "lab", {"args": vars(options), "wall_seconds": time.perf_counter() - start,
-                                                "summary": rows, "kl_budget": budget, "premise": premise,
+    rows, budget = summarise(runs, controls=controls, kl_points=kl_points)
+    text = tables(rows, premise, budget, kl_points)
+    result = write_results(options.out, "lab", {"args": vars(options), "seeds": list(seeds),
+                                                "wall_seconds": time.perf_counter() - start, "summary": rows,
+                                                "kl_budget": budget, "controls": controls, "premise": premise,
                                                 "runs": runs}, text)
     plot(runs, result / "lab.png")
+    written = [result / "lab.json", result / "lab.md", result / "lab.png"]
+    if plot_label_budget(rows, variants, result / "label_budget.png"):
+        written.append(result / "label_budget.png")
     print(text)
-    print(f"wrote {result / 'lab.json'}, {result / 'lab.md'}, {result / 'lab.png'}")
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
 def demo(argv: list[str] | None = None) -> int:
-    """`r2m demo`: the lab's quick mode (vanilla RM vs R2M), written to ``out/demo``."""
+    """`r2m demo`: the lab's quick mode (vanilla RM, the oracle and R2M), written to ``out/demo``."""
     return main(argv, prog="r2m demo", out="out/demo", quick=True)
 
 

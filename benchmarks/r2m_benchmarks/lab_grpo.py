@@ -4,8 +4,16 @@ and `r2m demo` run.
 A tiny policy, SFT-pretrained on data responses (`initial_policy`, cached on disk) or left at its random init,
 is trained with TRL's GRPOTrainer against the lab's proxy reward model wrapped by `R2MReward` in one of its modes.
 Per step the run records, from the rewards the trainer sees, the gold reward beside the proxy's and the trained
-reward, their within-group spreads, how each ranks the policy's own samples by gold (on-policy accuracy), how often
-the policy emits the spurious word, and the relative size of each R2M update. Everything is built offline.
+reward, their within-group spreads, how each ranks the policy's own samples by gold (on-policy accuracy, and the
+ranking gap: the trained reward's minus the proxy's), how often the policy emits the spurious word, and the relative
+size of each R2M update (``r2m/update_size`` from the trainer's logs where `R2MReward` logs it, and the head's and the
+fusion's change measured from their weights by a callback). Everything is built offline.
+
+Besides the R2M modes, three controls train the same policy on the same prompts (`CONTROLS`): ``oracle``, the policy
+trained on the gold reward itself (the positive control: what a perfect reward gains); ``mix``, on
+``(1 - mix) z(proxy) + mix z(gold)`` (z: standardised over the generation batch; a reward better than the proxy by a
+known amount); ``unbiased``, vanilla over a proxy RM trained the same way on pairs without the spurious correlation
+(the better static RM). Their "trained reward" is what the policy was trained on.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from r2m.benchmarks.lab_world import LabWorld, PretrainConfig, ranking_agreement
 from r2m.config import R2MConfig
 from r2m.integrations.trl.reward import R2MReward
 
+CONTROLS = ("oracle", "mix", "unbiased")
+
 
 @dataclass
 class LabRunConfig:
@@ -47,6 +57,7 @@ class LabRunConfig:
     which are refreshed every ``anchor_every`` R2M updates. ``fused_scale``: `R2MConfig.fused_scale`.
     ``num_iterations``: policy epochs per generation batch (the paper's 2; ``steps`` counts policy steps, R2M
     updates once per generation batch).
+    ``mix``: the gold reward's weight in control ``mix``.
     ``bins``: windows of steps the recorded curve is averaged over.
     """
 
@@ -72,6 +83,7 @@ class LabRunConfig:
     anchor_weight: float = 1.0
     anchor_pairs: int = 0
     anchor_every: int = 1
+    mix: float = 0.3
     bins: int = 30
 
     def __post_init__(self) -> None:
@@ -84,6 +96,8 @@ class LabRunConfig:
         for name in ("steps", "groups", "update_steps", "bins", "policy_hidden_size", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LabRunConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"LabRunConfig.mix must be in [0, 1], got {self.mix!r}")
         if self.generations < 2:
             raise ValueError(f"LabRunConfig.generations must be >= 2 (R2M pairs within a group), got "
                              f"{self.generations!r}")
@@ -95,11 +109,13 @@ class LabRunConfig:
                          fused_scale=self.fused_scale)
 
 
-def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
+def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path, progress: bool = False) -> Path:
     """The saved initial policy of ``run``: a random-init tiny Llama (seeded by ``run.seed``), SFT-pretrained on
     data responses (`LabWorld.pretrain` with ``run.sft``) when ``run.pretrain``. Built once per world, size,
-    seed and pretraining config, then read from ``cache_dir``."""
-    key = {"world": dataclasses.asdict(world.config), "hidden_size": run.policy_hidden_size, "seed": run.seed,
+    seed and pretraining config (the world's ``rm_*`` fields shape only the proxy: not part of the key), then read
+    from ``cache_dir``; ``progress``: show the pretraining's progress."""
+    world_key = {k: v for k, v in dataclasses.asdict(world.config).items() if not k.startswith("rm_")}
+    key = {"world": world_key, "hidden_size": run.policy_hidden_size, "seed": run.seed,
            "pretrain": dataclasses.asdict(run.sft) if run.pretrain else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"policy-{'sft' if run.pretrain else 'init'}-{digest}"
@@ -107,7 +123,8 @@ def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path) -> Path:
         return path
     torch.manual_seed(run.seed)
     policy = tiny_models.build_policy(world.tokenizer, "llama", hidden_size=run.policy_hidden_size)
-    losses = world.pretrain(policy, run.sft, run.seed) if run.pretrain else []
+    losses = (world.pretrain(policy, run.sft, run.seed, f"policy SFT, seed {run.seed}" if progress else None)
+              if run.pretrain else [])
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     policy.save_pretrained(partial)
@@ -125,11 +142,31 @@ def gold_reward(world: LabWorld):
     return gold
 
 
-class Recorder:
-    """The trainer's reward function: calls the R2M reward and records, per step, what the policy was trained on
-    beside the proxy RM's own scores and the gold reward (which never trains the policy)."""
+def control_reward(control: str, world: LabWorld, proxy: torch.nn.Module, mix: float):
+    """The reward function of control ``oracle`` (the gold reward) or ``mix`` (``(1 - mix) z(proxy) + mix z(gold)``,
+    z standardised over the call's batch)."""
+    def oracle(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+        return [world.gold_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
-    def __init__(self, reward: R2MReward, world: LabWorld, proxy: torch.nn.Module, group_size: int):
+    def mixed(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+        proxy_scores = world.score(proxy, prompts, completions).double()
+        gold = torch.tensor(oracle(prompts, completions), dtype=torch.float64)
+        z = [(x - x.mean()) / x.std(correction=0).clamp_min(1e-8) for x in (proxy_scores, gold)]
+        return ((1 - mix) * z[0] + mix * z[1]).tolist()
+
+    if control not in ("oracle", "mix"):
+        raise ValueError(f"control_reward: {control!r} is not 'oracle' or 'mix'")
+    reward = oracle if control == "oracle" else mixed
+    reward.__name__ = control
+    return reward
+
+
+class Recorder:
+    """The trainer's reward function: calls the reward the policy is trained on (an `R2MReward` or a control's) and
+    records, per step, what the policy was trained on beside the proxy RM's own scores and the gold reward (which
+    trains no policy but the oracle's)."""
+
+    def __init__(self, reward, world: LabWorld, proxy: torch.nn.Module, group_size: int):
         self.reward, self.world, self.proxy, self.group_size = reward, world, proxy, group_size
         self.__name__ = reward.__name__
         self.rows: dict[int, dict[str, float]] = {}
@@ -142,14 +179,23 @@ class Recorder:
                             dtype=torch.float64)
         grouped = [x.view(-1, self.group_size) for x in (trained, proxy, gold)]
         step = kwargs["trainer_state"].global_step + 1  # the policy step this batch trains
+        accuracy = {name: ranking_agreement(x, grouped[2])
+                    for name, x in zip(("trained", "proxy"), grouped[:2], strict=True)}
         self.rows[step] = {
             "gold": float(gold.mean()), "proxy": float(proxy.mean()), "trained": float(trained.nanmean()),
             **{f"spread_{name}": float(x.std(1, correction=0).nanmean())
                for name, x in zip(("trained", "proxy", "gold"), grouped, strict=True)},
             "spurious": self.world.spurious_share(completions),
-            "onpolicy_acc_trained": ranking_agreement(grouped[0], grouped[2]),
-            "onpolicy_acc_proxy": ranking_agreement(grouped[1], grouped[2])}
+            "repeat": repeat_share(completions),
+            "onpolicy_acc_trained": accuracy["trained"], "onpolicy_acc_proxy": accuracy["proxy"],
+            "rank_gap": accuracy["trained"] - accuracy["proxy"]}
         return rewards
+
+
+def repeat_share(responses: list[str]) -> float:
+    """Mean share of a response's words that repeat an earlier word of it (0: all distinct)."""
+    shares = [1 - len(set(words)) / len(words) for words in (r.split() for r in responses) if words]
+    return statistics.fmean(shares) if shares else 0.0
 
 
 class UpdateSize(TrainerCallback):
@@ -197,22 +243,35 @@ class Progress(TrainerCallback):
 
 
 def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn.Module, policy_dir: Path,
-                  work_dir: Path, label: str | None = None) -> tuple[dict, GRPOTrainer, R2MReward]:
-    """One GRPO run of the policy saved in ``policy_dir`` against ``proxy`` wrapped in R2M mode ``mode``.
+                  work_dir: Path, label: str | None = None,
+                  reward_model: torch.nn.Module | None = None) -> tuple[dict, GRPOTrainer, R2MReward | None]:
+    """One GRPO run of the policy saved in ``policy_dir`` against ``proxy`` wrapped in R2M mode ``mode``, or a control
+    of `CONTROLS` (``unbiased``: vanilla over ``reward_model``, the RM trained without the spurious correlation;
+    ``proxy`` stays the reference the ranking gap is taken against).
 
     Returns the run record (``curve``: per bin of steps the means of the recorded metrics, KL to the initial
     policy, w(t), the R2M loss and ``r2m/state_similarity``; ``seconds_per_step``; ``extra_policy_forwards``;
-    ``anchor_forwards``), the
-    trainer and the R2M reward."""
+    ``anchor_forwards``), the trainer and the R2M reward (None for controls ``oracle`` and ``mix``)."""
     label = label or mode
-    labels = {"labeller": gold_reward(world), "label_groups": cfg.label_groups} if cfg.label_groups else {}
-    if cfg.anchor_pairs:  # gold-labelled pairs without the proxy's spurious correlation, apart from the run's prompts
-        pairs = world.preference_pairs(cfg.anchor_pairs, seed=90_000 + cfg.seed, bias=0.5)
-        labels.update(anchor_pairs=[(f"{p} ", c, r) for p, c, r in pairs], anchor_every=cfg.anchor_every)
-    reward = R2MReward(proxy, world.tokenizer, name="proxy", config=cfg.r2m_config(mode), monitor=True, **labels)
-    recorder = Recorder(reward, world, proxy, cfg.generations)
-    update_size = UpdateSize(reward)
-    callbacks = [reward, update_size, Progress(f"GRPO, {label}, seed {cfg.seed}", recorder)]
+    if mode == "unbiased" and reward_model is None:
+        raise ValueError("control 'unbiased' needs reward_model=, the RM trained on unbiased pairs")
+    callbacks: list[TrainerCallback] = []
+    reward: R2MReward | None = None
+    update_size: UpdateSize | None = None
+    if mode in ("oracle", "mix"):
+        recorder = Recorder(control_reward(mode, world, proxy, cfg.mix), world, proxy, cfg.generations)
+    else:
+        labels = {"labeller": gold_reward(world), "label_groups": cfg.label_groups} if cfg.label_groups else {}
+        if cfg.anchor_pairs:  # gold-labelled pairs without the proxy's spurious correlation, apart from the prompts
+            pairs = world.preference_pairs(cfg.anchor_pairs, seed=90_000 + cfg.seed, bias=0.5)
+            labels.update(anchor_pairs=[(f"{p} ", c, r) for p, c, r in pairs], anchor_every=cfg.anchor_every)
+        r2m_mode = "vanilla" if mode == "unbiased" else mode
+        reward = R2MReward(proxy if reward_model is None else reward_model, world.tokenizer, name="proxy",
+                           config=cfg.r2m_config(r2m_mode), monitor=True, **labels)
+        recorder = Recorder(reward, world, proxy, cfg.generations)
+        update_size = UpdateSize(reward)
+        callbacks += [reward, update_size]
+    callbacks.append(Progress(f"GRPO, {label}, seed {cfg.seed}", recorder))
     prompts = [f"{p} " for p in world.prompts(cfg.steps * cfg.groups, seed=10_000 + cfg.seed)]
     args = GRPOConfig(
         output_dir=str(work_dir / label), use_cpu=True, bf16=False, report_to="none", seed=cfg.seed,
@@ -228,19 +287,24 @@ def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    logs = [h for h in trainer.state.log_history if "step" in h]
     scored = {h["step"]: {"kl": h.get("kl"), "omega": h.get("r2m/omega"), "label_ms": h.get("r2m/label_ms"),
                           "state_similarity": h.get("r2m/state_similarity")}
-              for h in trainer.state.log_history if "r2m/omega" in h}
+              for h in logs if "kl" in h or "r2m/omega" in h}
     updated = {h["step"]: {"r2m_loss": h.get("r2m/loss"), "anchor_bt": h.get("r2m/anchor_bt"),
                            "anchor_set_bt": h.get("r2m/anchor_set_bt"), "fused_scale": h.get("r2m/fused_scale"),
-                           **update_size.rows.get(h["step"], {})}
-               for h in trainer.state.log_history if "r2m/loss" in h}
+                           "update_size": h.get("r2m/update_size"),
+                           **(update_size.rows.get(h["step"], {}) if update_size is not None else {})}
+               for h in logs if "r2m/loss" in h}
     # a batch generated at step s is scored then and updates R2M after the policy's last pass over it, at s + lag
     lag = cfg.num_iterations - 1
     steps = [{"step": s, **row, **scored.get(s, {}), **updated.get(s + lag, {})}
              for s, row in sorted(recorder.rows.items())]
     run = {"curve": bin_steps(steps, cfg.bins), "seconds_per_step": seconds / cfg.steps,
-           "extra_policy_forwards": reward.extra_forwards, "anchor_forwards": reward.anchor_forwards}
+           "extra_policy_forwards": 0 if reward is None else reward.extra_forwards,
+           "anchor_forwards": 0 if reward is None else reward.anchor_forwards,
+           "update_size_from": None if reward is None else (
+               "r2m/update_size" if any("r2m/update_size" in h for h in logs) else "weights (lab callback)")}
     return run, trainer, reward
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from r2m.benchmarks import tiny_models
@@ -29,7 +30,14 @@ from r2m.losses import bt_loss
 
 @dataclass
 class LabConfig:
-    """The lab world: its language, its gold reward and how the proxy RM is (mis)trained."""
+    """The lab world: its language, its gold reward and how the proxy RM is (mis)trained.
+
+    ``rm_bias``: how often the better response of a proxy-RM training pair carries the spurious word (0.5: no
+    correlation). ``rm_repeat_share``: the share of the RM's training responses that repeat one or two words over
+    their whole length (gold-labelled like the rest), so that the proxy sees what repetition is worth (0: repeats are
+    rare, and the proxy is free to pay for a repeated good word: an exploit its bias does not cause). The ``rm_*``
+    fields shape the proxy RM only, not the policy's pretraining data.
+    """
 
     vocab_words: int = 24
     prompt_words: int = 4
@@ -41,14 +49,16 @@ class LabConfig:
     rm_hidden_size: int = 32
     rm_epochs: int = 25
     rm_lr: float = 3e-3
+    rm_repeat_share: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.prompt_words >= self.vocab_words - 1:
             raise ValueError(f"LabConfig.prompt_words ({self.prompt_words}) must be below vocab_words - 1 "
                              f"({self.vocab_words - 1})")
-        if not 0.0 <= self.rm_bias <= 1.0:
-            raise ValueError(f"LabConfig.rm_bias must be in [0, 1], got {self.rm_bias!r}")
+        for name in ("rm_bias", "rm_repeat_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"LabConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("response_words", "rm_pairs", "rm_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LabConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -100,8 +110,14 @@ class LabWorld:
         spurious = words.count(self.config.spurious_word) / len(words)
         return 0.5 * coverage + 0.5 * good - self.config.spurious_penalty * spurious
 
-    def sample_response(self, prompt: str, rng: random.Random, spurious: bool) -> str:
-        """A data-distribution response: some of the prompt's words, filler, and optionally one spurious word."""
+    def sample_response(self, prompt: str, rng: random.Random, spurious: bool, repeat_share: float = 0.0) -> str:
+        """A data-distribution response: some of the prompt's words, filler, and optionally one spurious word; with
+        probability ``repeat_share`` instead one or two words repeated over the whole response."""
+        if repeat_share and rng.random() < repeat_share:
+            words = rng.choices(rng.sample(self.words, rng.randint(1, 2)), k=self.config.response_words)
+            if spurious:
+                words[rng.randrange(len(words))] = self.config.spurious_word
+            return " ".join(words)
         topic = prompt.split()
         words = rng.sample(topic, rng.randint(0, len(topic)))
         words += rng.choices(self.words, k=self.config.response_words - len(words))
@@ -119,7 +135,8 @@ class LabWorld:
         pairs = []
         while len(pairs) < count:
             prompt = self.prompts(1, rng.randrange(1 << 30))[0]
-            a, b = (self.sample_response(prompt, rng, spurious=False) for _ in range(2))
+            a, b = (self.sample_response(prompt, rng, spurious=False, repeat_share=self.config.rm_repeat_share)
+                    for _ in range(2))
             ga, gb = self.gold_reward(prompt, a), self.gold_reward(prompt, b)
             if ga == gb:
                 continue
@@ -158,9 +175,11 @@ class LabWorld:
             response[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = True
         return ids, attention, response
 
-    def pretrain(self, policy: PreTrainedModel, config: PretrainConfig, seed: int) -> list[float]:
+    def pretrain(self, policy: PreTrainedModel, config: PretrainConfig, seed: int,
+                 progress: str | None = None) -> list[float]:
         """Fine-tune ``policy`` in place on data responses, each the best of ``config.best_of`` by gold (next-token
-        loss on the response tokens only); returns the mean loss per epoch."""
+        loss on the response tokens only); returns the mean loss per epoch. ``progress``: a progress bar of that
+        title over the batches."""
         prompts = self.prompts(config.examples, seed=20_000 + seed)
         ids, attention, response = self.encode_responses(prompts, self.good_responses(prompts, config.best_of, seed))
         labels = ids.masked_fill(~response, -100)
@@ -168,16 +187,21 @@ class LabWorld:
         generator = torch.Generator().manual_seed(seed)
         losses = []
         policy.train()
-        for _ in range(config.epochs):
-            total = 0.0
-            batches = torch.randperm(len(prompts), generator=generator).split(config.batch_size)
-            for batch in batches:
-                loss = policy(input_ids=ids[batch], attention_mask=attention[batch], labels=labels[batch]).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-            losses.append(total / len(batches))
+        per_epoch = -(-len(prompts) // config.batch_size)
+        with tqdm(total=config.epochs * per_epoch, desc=progress, disable=progress is None, leave=False,
+                  dynamic_ncols=True) as bar:
+            for _ in range(config.epochs):
+                total = 0.0
+                batches = torch.randperm(len(prompts), generator=generator).split(config.batch_size)
+                for batch in batches:
+                    loss = policy(input_ids=ids[batch], attention_mask=attention[batch], labels=labels[batch]).loss
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item()
+                    bar.update()
+                losses.append(total / len(batches))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
         policy.eval()
         return losses
 
@@ -195,10 +219,12 @@ class LabWorld:
         """What the reward model reads."""
         return f"{prompt} {response}".strip()
 
-    def train_proxy(self, pairs: list[tuple[str, str, str]] | None = None) -> PreTrainedModel:
-        """A tiny sequence classifier trained with Bradley-Terry on the biased pairs."""
+    def train_proxy(self, pairs: list[tuple[str, str, str]] | None = None, progress: str | None = None,
+                    bias: float | None = None) -> PreTrainedModel:
+        """A tiny sequence classifier trained with Bradley-Terry on the world's biased pairs (``bias``: another
+        spurious correlation for them, 0.5 none); ``progress``: a progress bar of that title over the batches."""
         cfg = self.config
-        pairs = self.preference_pairs(cfg.rm_pairs, cfg.seed) if pairs is None else pairs
+        pairs = self.preference_pairs(cfg.rm_pairs, cfg.seed, bias) if pairs is None else pairs
         torch.manual_seed(cfg.seed)
         model = tiny_models.build_reward_model(self.tokenizer, "llama", hidden_size=cfg.rm_hidden_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.rm_lr)
@@ -206,13 +232,17 @@ class LabWorld:
         rejected = self._encode([self.reward_text(p, r) for p, _, r in pairs])
         generator = torch.Generator().manual_seed(cfg.seed)
         model.train()
-        for _ in range(cfg.rm_epochs):
-            for batch in torch.randperm(len(pairs), generator=generator).split(64):
-                loss = bt_loss(model(**{k: v[batch] for k, v in chosen.items()}).logits.squeeze(-1),
-                               model(**{k: v[batch] for k, v in rejected.items()}).logits.squeeze(-1)).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        with tqdm(total=cfg.rm_epochs * -(-len(pairs) // 64), desc=progress, disable=progress is None, leave=False,
+                  dynamic_ncols=True) as bar:
+            for _ in range(cfg.rm_epochs):
+                for batch in torch.randperm(len(pairs), generator=generator).split(64):
+                    loss = bt_loss(model(**{k: v[batch] for k, v in chosen.items()}).logits.squeeze(-1),
+                                   model(**{k: v[batch] for k, v in rejected.items()}).logits.squeeze(-1)).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    bar.update()
+                bar.set_postfix(bt=f"{loss.item():.3f}")
         return model.eval()
 
     @torch.no_grad()
