@@ -49,7 +49,8 @@ def test_train_from_local_paths(kind, dataset, extra, local_files):
     assert code == 0
     saved = json.loads((out / "r2m" / "r2m_config.json").read_text())
     assert saved["config"]["attn_dim"] == 16 and saved["config"]["lr"] == 1e-2
-    assert saved["total_steps"] == 2 and (out / "config.json").is_file()
+    run_state = json.loads((out / "r2m" / "r2m_state.json").read_text())
+    assert run_state["total_steps"] == 2 and (out / "config.json").is_file()
     if kind == "rloo":
         assert saved["config"]["omega_min"] == 0.7
 
