@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from r2m.packed import PackedStates, check_cu_seqlens
+
 
 @dataclass
 class AnchorBatch:
@@ -61,15 +63,14 @@ class AnchorBatch:
                        else type(self.hidden).__name__)
                 raise ValueError(f"AnchorBatch.hidden must be a floating-point packed tensor [total_tokens, "
                                  f"policy_dim], got {got}")
-            cu = self.cu_seqlens
-            if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() != 2 * pairs + 1 or cu.is_floating_point():
-                got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-                raise ValueError(f"AnchorBatch.cu_seqlens must be an integer tensor [2 * pairs + 1 = {2 * pairs + 1}] "
-                                 f"(chosen sequences first, then rejected), got {got}")
-            cu = cu.long().cpu()
-            if int(cu[0]) != 0 or bool((cu.diff() < 0).any()) or int(cu[-1]) != self.hidden.shape[0]:
-                raise ValueError(f"AnchorBatch.cu_seqlens must start at 0, never decrease and end at hidden's "
-                                 f"{self.hidden.shape[0]} rows, got {cu.tolist()}")
+            # chosen sequences first, then rejected: 2P samples
+            cu = check_cu_seqlens(self.cu_seqlens, 2 * pairs, self.hidden.shape[0], "AnchorBatch.cu_seqlens")
+            self._states = PackedStates(self.hidden, cu)
+
+    @property
+    def states(self) -> PackedStates | None:
+        """The policy's states of the 2P sequences (chosen then rejected), packed; None without them."""
+        return self._states if self.hidden is not None else None
 
     @property
     def pairs(self) -> int:

@@ -20,11 +20,14 @@ from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.distributed import all_gather, rank_and_world
 from r2m.fusion import SequenceToTokenAttention
 from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
+from r2m.packed import PackedStates, finite_samples
 from r2m.schedule import omega
 
 # "attend(u) -> c" (`r2m.fusion`) run wherever the policy states live: query vectors u [B, H, D_p] -> the attended
 # states c [B, H, D_p] (differentiable in u when grad is enabled) and which samples had finite states [B] bool.
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
+# What the core takes as policy states: packed states, a context, or None (modes that fuse none).
+PolicyInput = PackedStates | PolicyContext | None
 
 
 class R2MModule(nn.Module):
@@ -87,6 +90,10 @@ class R2MModule(nn.Module):
         """The unmodified reward model's reward [B] (float32)."""
         raise NotImplementedError
 
+    def _weights(self) -> list[nn.Parameter]:
+        """Fusion and head weights (what ``update_size`` measures)."""
+        return [*self.fusion.parameters(), *self.head.parameters()]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What `update` trains: the head alone in ``head_only`` mode, fusion and head otherwise."""
         modules = [self.head] if self.config.mode == "head_only" else [self.fusion, self.head]
@@ -108,25 +115,42 @@ class R2MModule(nn.Module):
         hidden: padded [B, S, D_p] with mask [B, S], or packed [N, D_p] with cu_seqlens [B + 1]; or, instead of
         hidden, a ``context`` that attends over states kept elsewhere (only u and c travel). A sample whose
         inputs or fused reward are not finite gets the vanilla reward instead: the fusion never adds a NaN.
+        Packs the states and calls `score`.
         """
+        return self.score(rte, self.policy_input(hidden, mask, cu_seqlens, context), step, base_rewards)
+
+    @torch.no_grad()
+    def score(self, rte: Tensor, states: PolicyInput, step: int, base_rewards: Tensor | None = None) -> Tensor:
+        """R2M reward [B] (float32) of samples with RTEs ``rte`` and policy states ``states`` (`PackedStates`, a
+        `PolicyContext`, or None in the modes that fuse none) at policy step ``step`` (Eq. 4); the vanilla reward
+        where an input or the fused reward is not finite."""
         vanilla = self.vanilla_reward_from_rte(rte, base_rewards)
         if self.config.mode == "vanilla":
             return vanilla
-        rewards, usable = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context)
+        rewards, usable = self._rewards(rte, states, step, base_rewards)
         return torch.where(usable & torch.isfinite(rewards), rewards, vanilla)
 
     def update(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, rewards: Tensor, group_size: int,
                step: int, cu_seqlens: Tensor | None = None, base_rewards: Tensor | None = None,
                context: PolicyContext | None = None, labels: Tensor | None = None,
                anchor: AnchorBatch | None = None) -> dict[str, float]:
-        """One GREBT update of fusion and head (paper Sec. 4.2) on groups of ``group_size`` consecutive samples.
+        """One GREBT update (`update_states`) with the policy states given as in `reward_from_rte`."""
+        return self.update_states(rte, self.policy_input(hidden, mask, cu_seqlens, context), rewards, group_size,
+                                  step, base_rewards=base_rewards, labels=labels, anchor=anchor)
+
+    def update_states(self, rte: Tensor, states: PolicyInput, rewards: Tensor, group_size: int, step: int, *,
+                      base_rewards: Tensor | None = None, labels: Tensor | None = None,
+                      anchor: AnchorBatch | None = None) -> dict[str, float]:
+        """One GREBT update of fusion and head (paper Sec. 4.2, Algorithm 1) on groups of ``group_size`` consecutive
+        samples, with their policy states ``states`` (as in `score`).
 
         ``rewards`` are the annotation rewards the policy was trained on (they pick each group's winner and
         loser). Under torch.distributed each rank passes its contiguous, equal-sized slice of the global
         group-major batch; only per-sample rewards travel, and every rank ends with identical weights.
         Groups with a non-finite reward, RTE or hidden state are skipped and counted (``groups_skipped``); groups
         whose fused rewards are tied for the GRE term (`r2m.losses.degenerate_groups`) are counted in
-        ``groups_degenerate`` (of the last of ``update_steps``).
+        ``groups_degenerate`` (of the last of ``update_steps``). ``update_size`` is ||theta' - theta|| / ||theta||
+        over the fusion and head weights (0 when nothing trained).
 
         ``labels`` (modes ``anchored`` and ``head_only``): a labeller's score per sample [B], NaN where unlabelled.
         A group whose samples all have a label gets a labelled pair (its highest- and lowest-labelled sample), and
@@ -151,12 +175,12 @@ class R2MModule(nn.Module):
             raise ValueError(f"the batch has {all_rewards.numel()} samples in all, not a whole number of groups of "
                              f"group_size={group_size}")
         w = self.omega_at(step)
-        stats = {"omega": w, "loss": 0.0, "bt": 0.0, "gre": 0.0}
+        stats = {"omega": w, "loss": 0.0, "bt": 0.0, "gre": 0.0, "update_size": 0.0}
         groups = all_rewards.numel() // group_size
         if not self.config.trains:
             return {**stats, "groups_used": 0.0, "groups_skipped": 0.0, "groups_degenerate": 0.0, "update_ms": 0.0}
-        base, trained, usable = self._reward_parts(rte, hidden, mask, cu_seqlens, base_rewards, context,
-                                                   with_grad=True)
+        before = [p.detach().clone() for p in self._weights()]
+        base, trained, usable = self._reward_parts(rte, states, base_rewards, with_grad=True)
         sample_ok = all_gather((usable & torch.isfinite(rewards.to(device))).float(), world).bool()
         group_ok = sample_ok.view(groups, group_size).all(dim=1)
         if self.config.fused_scale == "base_spread":
@@ -172,7 +196,7 @@ class R2MModule(nn.Module):
         used, degenerate = int(group_ok.sum()), 0
         for inner in range(self.config.update_steps if used or anchor_set is not None else 0):
             if inner:
-                fused, _ = self._rewards(rte, hidden, mask, cu_seqlens, step, base_rewards, context, with_grad=True)
+                fused, _ = self._rewards(rte, states, step, base_rewards, with_grad=True)
             gathered = all_gather(fused.detach(), world).requires_grad_(True)
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
@@ -195,9 +219,28 @@ class R2MModule(nn.Module):
                 stats.update(loss=float(loss), gre=float(gre_loss(group_rewards).mean()) if used else 0.0,
                              bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
                 degenerate = int(degenerate_groups(group_rewards).sum())
+        stats["update_size"] = _relative_change(before, self._weights())
         return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
                 "groups_degenerate": float(degenerate), "groups_labelled": float(labelled.sum()),
                 "update_ms": 1000.0 * (time.perf_counter() - start)}
+
+    def policy_input(self, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
+                     context: PolicyContext | None) -> PolicyInput:
+        """The policy states of `reward_from_rte` / `update`'s arguments as `score` / `update_states` take them:
+        packed and checked (once, here), the context itself, or None where the mode fuses none."""
+        if not self.config.uses_fusion:
+            return None
+        if context is not None:
+            return context
+        if hidden is None:
+            return None
+        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"hidden must be a floating-point tensor, got "
+                            f"{hidden.dtype if isinstance(hidden, Tensor) else type(hidden).__name__}")
+        if (mask is None) == (cu_seqlens is None):
+            raise ValueError("pass exactly one of mask (with padded hidden [B, S, D_p]) or cu_seqlens (with packed "
+                             "hidden [N, D_p])")
+        return PackedStates.from_padded(hidden, mask) if mask is not None else PackedStates(hidden, cu_seqlens)
 
     def _check_anchor(self, anchor: AnchorBatch | None) -> AnchorBatch | None:
         if anchor is None:
@@ -218,8 +261,7 @@ class R2MModule(nn.Module):
 
     def _anchor_set_bt(self, anchor: AnchorBatch, step: int, with_grad: bool) -> Tensor | None:
         """Mean Bradley-Terry loss of the R2M rewards over the anchor set's usable pairs (None if none is)."""
-        rewards, usable = self._rewards(anchor.rte, anchor.hidden, None, anchor.cu_seqlens, step,
-                                        anchor.base_rewards, with_grad=with_grad)
+        rewards, usable = self._rewards(anchor.rte, anchor.states, step, anchor.base_rewards, with_grad=with_grad)
         pairs = anchor.pairs
         ok = usable & torch.isfinite(rewards.detach())
         ok = ok[:pairs] & ok[pairs:]
@@ -254,12 +296,11 @@ class R2MModule(nn.Module):
             nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
 
-    def _rewards(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
-                 step: int, base_rewards: Tensor | None, context: PolicyContext | None = None,
+    def _rewards(self, rte: Tensor, states: PolicyInput, step: int, base_rewards: Tensor | None,
                  with_grad: bool = False) -> tuple[Tensor, Tensor]:
         """Trainable reward [B] and which samples had finite inputs. Non-finite inputs are zeroed first."""
         w = self.omega_at(step)
-        base, trained, usable = self._reward_parts(rte, hidden, mask, cu_seqlens, base_rewards, context, with_grad)
+        base, trained, usable = self._reward_parts(rte, states, base_rewards, with_grad)
         with torch.set_grad_enabled(with_grad):
             return self._mix(base, trained, w), usable
 
@@ -270,8 +311,7 @@ class R2MModule(nn.Module):
             trained = self.fused_scale_factor * trained
         return w * base + (1.0 - w) * trained
 
-    def _reward_parts(self, rte: Tensor, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
-                      base_rewards: Tensor | None, context: PolicyContext | None = None,
+    def _reward_parts(self, rte: Tensor, states: PolicyInput, base_rewards: Tensor | None,
                       with_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """r_base [B], the trained term head(Ĥ) [B] (head(H) where the mode uses no fusion) and which samples had
         finite inputs. Non-finite inputs are zeroed first."""
@@ -280,62 +320,51 @@ class R2MModule(nn.Module):
         rte = torch.where(usable[:, None], rte, torch.zeros_like(rte))
         with torch.set_grad_enabled(with_grad):
             base = self.base_reward(rte, base_rewards)
-            if self.config.uses_fusion and context is not None:
+            if not self.config.uses_fusion:
+                feature = rte
+            elif isinstance(states, PackedStates):
+                states, states_ok = self._clean_states(states, rte)
+                feature, usable = self.fusion.forward_states(rte, states), usable & states_ok
+            elif callable(states):
                 if self.config.mode == "noise":
                     raise ValueError("mode 'noise' draws noise matched to the policy states themselves: pass hidden, "
                                      "not a context")
-                attended, context_ok = context(self.fusion.query_vectors(rte))
+                attended, context_ok = states(self.fusion.query_vectors(rte))
                 feature, usable = self.fusion.project_context(attended), usable & context_ok.to(usable.device)
-            elif self.config.uses_fusion:
-                if hidden is None:
-                    raise ValueError(f"hidden (the policy's hidden states) is required in mode {self.config.mode!r}")
-                hidden, mask, cu_seqlens, hidden_ok = self._clean_hidden(hidden, mask, cu_seqlens, rte)
-                feature, usable = self.fusion(rte, hidden, mask, cu_seqlens), usable & hidden_ok
             else:
-                feature = rte
+                raise ValueError(f"hidden (the policy's hidden states) is required in mode {self.config.mode!r}")
             return base, self.head(feature).squeeze(-1), usable & torch.isfinite(base)
 
-    def _clean_hidden(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
-                      rte: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """Validates the policy states, zeroes non-finite ones, swaps in noise in ``noise`` mode; returns
-        per-sample finiteness."""
-        hidden, mask, cu_seqlens = self.fusion.check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
-        token_ok = torch.isfinite(hidden).all(dim=-1)
-        if mask is not None:
-            sample_ok = (token_ok | ~mask).all(dim=1)
-        else:
-            bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
-            cu = cu_seqlens.long()
-            sample_ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
+    def _clean_states(self, states: PackedStates, rte: Tensor) -> tuple[PackedStates, Tensor]:
+        """The states on this module's device with non-finite rows zeroed (noise in their place in ``noise`` mode),
+        and which samples were finite."""
+        if len(states) != rte.shape[0] or states.hidden is None:
+            raise ValueError(f"the policy states hold {len(states)} samples"
+                             f"{'' if states.hidden is not None else ', none of them found'}; rte has {rte.shape[0]}")
+        if states.hidden.shape[-1] != self.policy_dim:
+            raise ValueError(f"hidden's last dimension must be policy_dim={self.policy_dim} (the policy's hidden "
+                             f"size), got shape {tuple(states.hidden.shape)}")
+        hidden = states.hidden.to(self.head.weight.device)
+        token_ok, sample_ok = finite_samples(hidden, states.cu_seqlens)
         if not bool(token_ok.all()):
-            hidden = torch.where(token_ok[..., None], hidden, hidden.new_zeros(()))
+            hidden = torch.where(token_ok[:, None], hidden, hidden.new_zeros(()))
         if self.config.mode == "noise":
-            hidden = self._matched_noise(hidden, mask, cu_seqlens, rte)
-        return hidden, mask, cu_seqlens, sample_ok
+            hidden = self._matched_noise(hidden, states.cu_seqlens, rte)
+        return PackedStates(hidden, states.cu_seqlens, states.tokens), sample_ok
 
-    def _matched_noise(self, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, rte: Tensor) -> Tensor:
-        """Gaussian noise with each sample's mean and variance over its valid policy states (R2M w/ Noise); a
-        sample's standard-normal draw depends only on ``noise_seed`` and its RTE, so annotation and update agree."""
+    def _matched_noise(self, hidden: Tensor, cu_seqlens: Tensor, rte: Tensor) -> Tensor:
+        """Gaussian noise with each sample's mean and variance over its policy states (R2M w/ Noise); a sample's
+        standard-normal draw depends only on ``noise_seed`` and its RTE, so annotation and update agree."""
         keys = rte.detach().float().cpu().numpy()  # one transfer for the whole batch
-        if mask is not None:
-            weights = mask[..., None].float()
-            count = (weights.sum(dim=(1, 2)) * hidden.shape[-1]).clamp_min(1)[:, None, None]
-            mean = (hidden.float() * weights).sum(dim=(1, 2), keepdim=True) / count
-            var = ((hidden.float() - mean).square() * weights).sum(dim=(1, 2), keepdim=True) / count
-            noise = hidden.new_zeros(hidden.shape, dtype=torch.float32)
-            for i, length in enumerate(mask.sum(dim=1).tolist()):  # the draw of `cu_seqlens` input, then padding
-                noise[i][mask[i]] = self._sample_noise(keys[i], (length, hidden.shape[-1]), hidden.device)
-        else:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(hidden.device)
-            segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=hidden.device), lengths)
-            count = (lengths * hidden.shape[-1]).clamp_min(1).float()
-            mean = torch.zeros_like(count).index_add_(0, segment, hidden.float().sum(-1)) / count
-            centred = (hidden.float() - mean[segment, None]).square().sum(-1)
-            var = torch.zeros_like(count).index_add_(0, segment, centred) / count
-            mean, var = mean[segment, None], var[segment, None]
-            noise = torch.cat([self._sample_noise(keys[i], (int(n), hidden.shape[-1]), hidden.device)
-                               for i, n in enumerate(lengths.tolist())])
-        return (mean + var.sqrt() * noise).to(hidden.dtype)
+        lengths = cu_seqlens.diff()
+        segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(hidden.device)
+        count = (lengths * hidden.shape[-1]).clamp_min(1).float().to(hidden.device)
+        mean = torch.zeros_like(count).index_add_(0, segment, hidden.float().sum(-1)) / count
+        centred = (hidden.float() - mean[segment, None]).square().sum(-1)
+        var = torch.zeros_like(count).index_add_(0, segment, centred) / count
+        noise = torch.cat([self._sample_noise(keys[i], (int(n), hidden.shape[-1]), hidden.device)
+                           for i, n in enumerate(lengths.tolist())])
+        return (mean[segment, None] + var[segment, None].sqrt() * noise).to(hidden.dtype)
 
     def _sample_noise(self, key: np.ndarray, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """Standard-normal noise of ``shape`` from a generator seeded by ``noise_seed`` and a sample's RTE ``key``."""
@@ -395,6 +424,14 @@ def _spread_bound(base: Tensor, trained: Tensor, group_ok: Tensor) -> float:
     if not bool(torch.isfinite(s_base) & torch.isfinite(s_trained)) or float(s_trained) <= 0.0:
         return 1.0
     return float(min(1.0, float(s_base / s_trained)))
+
+
+def _relative_change(before: list[Tensor], after: list[Tensor]) -> float:
+    """||after - before|| / ||before|| over all tensors (0 when ``before`` is all zeros)."""
+    with torch.no_grad():
+        delta = torch.stack([(a.detach() - b).double().square().sum() for a, b in zip(after, before, strict=True)])
+        norm = torch.stack([b.double().square().sum() for b in before]).sum().sqrt()
+        return float(delta.sum().sqrt() / norm) if float(norm) > 0 else 0.0
 
 
 def _check_rewards(rewards: Tensor, batch: int | None) -> Tensor:

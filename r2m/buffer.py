@@ -17,15 +17,15 @@ from typing import Any
 
 from torch import Tensor
 
-from r2m.capture import CapturedStates
 from r2m.distributed import agree
+from r2m.packed import PackedStates
 
 
 @dataclass
 class Rollout:
     """One added batch: its packed states, which row holds which key, and what the integration keeps with it."""
 
-    states: CapturedStates
+    states: PackedStates
     keys: dict[Hashable, list[int]]
     release_at: int
     payload: Any = None
@@ -43,7 +43,7 @@ class RolloutStore:
     def __init__(self) -> None:
         self.pending: list[Rollout] = []
 
-    def add(self, states: CapturedStates, keys: Sequence[Hashable | None], release_at: int,
+    def add(self, states: PackedStates, keys: Sequence[Hashable | None], release_at: int,
             payload: Any = None, refreshed: bool = False) -> Rollout:
         """Keep a scored batch: ``keys[i]`` names sample i (None: it is never refreshed). Released once the
         progress passed to `release` reaches ``release_at``; ``refreshed``: its states already come from a later
@@ -60,7 +60,7 @@ class RolloutStore:
         self.pending.append(rollout)
         return rollout
 
-    def refresh(self, keys: Sequence[Hashable | None], states: CapturedStates) -> int:
+    def refresh(self, keys: Sequence[Hashable | None], states: PackedStates) -> int:
         """Replace, in the newest pending batch holding each key, that sample's states by ``states``'s row of the
         same key (every row holding it when a batch has the key twice). Unknown keys are ignored; returns how many
         rows were replaced."""
@@ -83,7 +83,7 @@ class RolloutStore:
             rollout.refreshed.update(targets)
         return sum(len(targets) for targets, _ in copies.values())
 
-    def lookup(self, keys: Sequence[Hashable]) -> CapturedStates:
+    def lookup(self, keys: Sequence[Hashable]) -> PackedStates:
         """The states of ``keys`` (newest batch first, repeats allowed), packed in that order; KeyError names the
         first key no pending batch holds."""
         found: list[Tensor] = []
@@ -95,7 +95,7 @@ class RolloutStore:
             row = rollout.keys[key][0]
             found.append(rollout.states.sample(row))
             tokens.append(rollout.states.tokens[row] or ())
-        return CapturedStates.from_samples(found, tokens) if found else CapturedStates.none_found(0)
+        return PackedStates.from_samples(found, tokens) if found else PackedStates.none_found(0)
 
     def __contains__(self, key: Hashable) -> bool:
         return self._newest(key) is not None

@@ -16,7 +16,7 @@ attended or not padding: a trainer that masks a completion out of attention (TRL
 ids, never its mask). Padding before the prompt and after the completion is excluded. A PEFT policy's reference
 pass (adapters disabled or another adapter active) runs through the same modules and is ignored.
 
-What is handed out is packed (`CapturedStates`): one gather of the valid positions per captured pass, with the
+What is handed out is packed (`r2m.packed.PackedStates`): one gather of the valid positions per captured pass, with the
 positions chosen on the host from the masks, so no per-sample tensor work and no device sync beyond reading
 the masks and token ids.
 """
@@ -35,100 +35,10 @@ from torch import Tensor, nn
 
 from r2m.distributed import zero3_partitioned
 from r2m.hf_models import find_body, unwrap
+from r2m.packed import PackedStates, offsets
 
 # The KV cache argument of a transformers model body: ``past_key_values`` before transformers 5.24, ``cache`` since.
 CACHE_ARGUMENTS = ("past_key_values", "cache")
-
-
-@dataclass
-class CapturedStates:
-    """Policy states of a batch, packed.
-
-    Sample i's states (its valid positions but the last, in order) are ``hidden[cu_seqlens[i]:cu_seqlens[i + 1]]``
-    and its valid token ids are ``tokens[i]``. ``tokens[i]`` is None, and its slot empty, where sample i could not
-    be taken from what was captured. ``hidden`` [N, D] stays where it was captured (on CPU with offload) and is
-    None only when no sample was found; ``cu_seqlens`` [B + 1] is int64 on CPU.
-    """
-
-    hidden: Tensor | None
-    cu_seqlens: Tensor
-    tokens: list[tuple[int, ...] | None]
-
-    @classmethod
-    def none_found(cls, count: int) -> CapturedStates:
-        return cls(None, torch.zeros(count + 1, dtype=torch.long), [None] * count)
-
-    @classmethod
-    def from_samples(cls, hidden: Sequence[Tensor | None], tokens: Sequence[tuple[int, ...] | None]
-                     ) -> CapturedStates:
-        """Per-sample [S_i - 1, D] tensors (None where missing) packed with one copy."""
-        present = [h for h in hidden if h is not None]
-        if not present:
-            return cls.none_found(len(hidden))
-        lengths = torch.tensor([0 if h is None else h.shape[0] for h in hidden], dtype=torch.long)
-        return cls(torch.cat(present), _offsets(lengths), list(tokens))
-
-    @classmethod
-    def concat(cls, parts: Sequence[CapturedStates]) -> CapturedStates:
-        """The samples of ``parts`` one after the other."""
-        tokens = [t for part in parts for t in part.tokens]
-        present = [part.hidden for part in parts if part.hidden is not None]
-        if not present:
-            return cls.none_found(len(tokens))
-        lengths = torch.cat([part.cu_seqlens.diff() for part in parts])
-        return cls(present[0] if len(present) == 1 else torch.cat(present), _offsets(lengths), tokens)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def missing(self) -> list[int]:
-        """Indices of the samples that were not found."""
-        return [i for i, tokens in enumerate(self.tokens) if tokens is None]
-
-    def sample(self, i: int) -> Tensor | None:
-        """Sample i's states [S_i - 1, D] (a view), None when it was not found."""
-        if self.tokens[i] is None:
-            return None
-        return self.hidden[int(self.cu_seqlens[i]):int(self.cu_seqlens[i + 1])]
-
-    def replace(self, indices: Sequence[int], other: CapturedStates) -> CapturedStates:
-        """These states with samples ``indices`` taken from ``other``, which holds exactly those samples in order."""
-        source = {index: j for j, index in enumerate(indices)}
-        hidden = [other.sample(source[i]) if i in source else self.sample(i) for i in range(len(self))]
-        tokens = [other.tokens[source[i]] if i in source else self.tokens[i] for i in range(len(self))]
-        return CapturedStates.from_samples(hidden, tokens)
-
-    def copy_samples_(self, rows: Sequence[int], source: CapturedStates, source_rows: Sequence[int]) -> None:
-        """Overwrite, in place, the states of samples ``rows`` by those of ``source``'s ``source_rows`` (one gather
-        and one scatter). The storage is promoted to a wider dtype that ``source`` brings."""
-        if not rows:
-            return
-        rows_t, src_t = torch.as_tensor(list(rows)), torch.as_tensor(list(source_rows))
-        src_start = source.cu_seqlens[src_t]
-        lengths = source.cu_seqlens[src_t + 1] - src_start
-        dst_start = self.cu_seqlens[rows_t]
-        if not torch.equal(self.cu_seqlens[rows_t + 1] - dst_start, lengths):
-            raise ValueError("copy_samples_: the source samples do not have the lengths of the samples they replace")
-        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        if list(source_rows) == list(range(len(source))):  # every source sample once, in order: no gather
-            values = source.hidden
-        else:
-            values = source.hidden.index_select(0, (torch.repeat_interleave(src_start, lengths) + within)
-                                                .to(source.hidden.device))
-        dtype = torch.promote_types(self.hidden.dtype, values.dtype)
-        if dtype != self.hidden.dtype:
-            self.hidden = self.hidden.to(dtype)
-        destination = (torch.repeat_interleave(dst_start, lengths) + within).to(self.hidden.device)
-        self.hidden.index_copy_(0, destination, values.to(device=self.hidden.device, dtype=dtype))
-
-    def nonfinite_samples(self) -> int:
-        """How many samples hold a non-finite state (one reduction when all are finite)."""
-        if self.hidden is None or bool(torch.isfinite(self.hidden.sum())):
-            return 0
-        finite = torch.isfinite(self.hidden).all(dim=-1)
-        bad = torch.cat([finite.new_zeros(1, dtype=torch.long), (~finite).long().cumsum(0)]).cpu()
-        return int(((bad[self.cu_seqlens[1:]] - bad[self.cu_seqlens[:-1]]) > 0).sum())
 
 
 @dataclass
@@ -167,7 +77,7 @@ class HiddenStateCapture:
 
     def __init__(self, model: nn.Module, module: nn.Module | None = None, offload: bool = False,
                  keep_generation: bool = True, keep_forwards: bool = True,
-                 on_train_forward: Callable[[CapturedStates], None] | None = None, pad_token_id: int | None = None):
+                 on_train_forward: Callable[[PackedStates], None] | None = None, pad_token_id: int | None = None):
         self.model = model
         self.pad_token_id = pad_token_id
         self.module = find_body(model) if module is None else module
@@ -208,7 +118,7 @@ class HiddenStateCapture:
         self.remove()
 
     @_timed
-    def pop_generation(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
+    def pop_generation(self, completions: Sequence[Sequence[int]]) -> PackedStates:
         """States of the last ``generate`` call, stitched for each sample as valid prompt + ``completions[i]``.
 
         A sample whose fed-back tokens differ from its completion (or a batch of another size) is not found.
@@ -216,7 +126,7 @@ class HiddenStateCapture:
         trace, self._generation = self._generation, []
         count = len(completions)
         if not trace or trace[0].hidden.shape[0] != count or trace[0].input_ids is None:
-            return CapturedStates.none_found(count)
+            return PackedStates.none_found(count)
         prefill, steps = trace[0], trace[1:]
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
         width = min(len(steps), max(int(lengths.max()) - 1, 0))
@@ -224,7 +134,7 @@ class HiddenStateCapture:
         decoded = torch.arange(width)[None, :] < (lengths - 1)[:, None]
         if width:
             if any(step.input_ids is None for step in steps[:width]):
-                return CapturedStates.none_found(count)
+                return PackedStates.none_found(count)
             fed = torch.cat([step.input_ids for step in steps[:width]], dim=1).cpu()
             wanted = torch.tensor([list(c[:width]) + [-1] * (width - len(c[:width])) for c in completions],
                                   dtype=fed.dtype)
@@ -238,10 +148,10 @@ class HiddenStateCapture:
         prompts = _row_tokens(prefill.input_ids.cpu(), prompt_mask)
         tokens = [p + tuple(c) if ok else None
                   for p, c, ok in zip(prompts, completions, fed_ok.tolist(), strict=True)]
-        return CapturedStates(self._keep(packed), _offsets(kept), tokens)
+        return PackedStates(self._keep(packed), offsets(kept), tokens)
 
     @_timed
-    def pop_forwards(self, completions: Sequence[Sequence[int]]) -> CapturedStates:
+    def pop_forwards(self, completions: Sequence[Sequence[int]]) -> PackedStates:
         """States of the most recent full no-grad forwards that together hold exactly ``len(completions)`` rows
         (a trainer's log-prob pass runs in chunks). Row i must end with ``completions[i]``, or it is not found."""
         records, self._forwards = self._forwards, []
@@ -253,7 +163,7 @@ class HiddenStateCapture:
             chosen.insert(0, record)
             rows += record.hidden.shape[0]
         if rows != count:
-            return CapturedStates.none_found(count)
+            return PackedStates.none_found(count)
         parts, start = [], 0
         for record in chosen:
             ids = None if record.input_ids is None else record.input_ids.cpu()
@@ -263,10 +173,10 @@ class HiddenStateCapture:
             ok = [t is not None and len(c) > 0 and t[-len(c):] == tuple(c)
                   for t, c in zip(row_tokens, completions[start:start + size], strict=True)]
             packed, kept = _gather(record.hidden, _valid_but_last(span) & torch.tensor(ok)[:, None])
-            parts.append(CapturedStates(packed, _offsets(kept),
+            parts.append(PackedStates(packed, offsets(kept),
                                         [t if found else None for t, found in zip(row_tokens, ok, strict=True)]))
             start += size
-        states = CapturedStates.concat(parts)
+        states = PackedStates.concat(parts)
         if states.hidden is not None:
             states.hidden = self._keep(states.hidden)
         return states
@@ -274,7 +184,7 @@ class HiddenStateCapture:
     @_timed
     @torch.no_grad()
     def forward(self, sequences: Sequence[Sequence[int]], batch_size: int | None = None, calls: int | None = None,
-                model: nn.Module | None = None) -> CapturedStates:
+                model: nn.Module | None = None) -> PackedStates:
         """No-grad forwards of the policy on full token sequences (right padded, ``batch_size`` rows at a time),
         captured by the same hook; returns their states.
 
@@ -313,7 +223,7 @@ class HiddenStateCapture:
                 states = self.pop_forwards(chunk)
                 if index < len(chunks):
                     parts.append(states)
-            return CapturedStates.concat(parts) if parts else CapturedStates.none_found(0)
+            return PackedStates.concat(parts) if parts else PackedStates.none_found(0)
         finally:
             self.keep_forwards, self._forwards = keep, previous
             if not attached:
@@ -343,7 +253,7 @@ class HiddenStateCapture:
                 input_ids = input_ids.cpu()
                 span = self._span(input_ids, _full_mask(mask, hidden))
                 packed, kept = _gather(hidden, _valid_but_last(span))
-                self.on_train_forward(CapturedStates(self._keep(packed), _offsets(kept),
+                self.on_train_forward(PackedStates(self._keep(packed), offsets(kept),
                                                      _row_tokens(input_ids, span)))
         elif self.keep_forwards:
             self._forwards.append(_Forward(input_ids, _full_mask(mask, hidden), hidden))
@@ -398,10 +308,5 @@ def _gather(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
 def _row_tokens(input_ids: Tensor, mask: Tensor) -> list[tuple[int, ...]]:
     """Each row's token ids where ``mask`` (CPU tensors)."""
     flat = input_ids[mask].tolist()
-    bounds = _offsets(mask.sum(dim=1)).tolist()
+    bounds = offsets(mask.sum(dim=1)).tolist()
     return [tuple(flat[a:b]) for a, b in itertools.pairwise(bounds)]
-
-
-def _offsets(lengths: Tensor) -> Tensor:
-    """cu_seqlens [B + 1] (int64) of per-sample lengths [B] (CPU)."""
-    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.long().cumsum(0)])

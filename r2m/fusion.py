@@ -19,14 +19,12 @@ from torch import Tensor, nn
 
 from r2m.checks import check_int
 from r2m.config import IMPLS
+from r2m.packed import PackedStates, check_cu_seqlens, offsets
 
 
 def pack(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Padded [B, S, D] + mask [B, S] -> packed valid tokens [N, D] and cu_seqlens [B + 1] (int32)."""
-    lengths = mask.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
-    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-    return hidden[mask], cu_seqlens
+    return hidden[mask], offsets(mask.sum(dim=1)).to(torch.int32)
 
 
 def unpack(hidden: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,7 +48,7 @@ def attend_naive(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tenso
 
 
 def attend(hidden: Tensor, u: Tensor, *, cu_seqlens: Tensor | None = None, mask: Tensor | None = None,
-           impl: str = "auto") -> tuple[Tensor, Tensor]:
+           impl: str = "auto", max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
     """The absorbed "attend(u) -> c" (module docstring), the one entry point of every absorbed attention
     (SequenceToTokenAttention and OpenRLHF's policy side): c_e = sum_s softmax_s(h_s . u_e) h_s over each sequence, and
     lse_e, the log-sum-exp of its scores.
@@ -59,6 +57,8 @@ def attend(hidden: Tensor, u: Tensor, *, cu_seqlens: Tensor | None = None, mask:
     may hold anything); u [B, H, D_p]. Returns c [B, H, D_p] and lse [B, H], float32 (float64 for a float64 u on
     the ``torch`` path), differentiable in u (hidden gets no gradient). A zero-length sequence gives c = 0,
     lse = -inf and zero gradient. impl: ``torch``, ``triton`` (`r2m.kernels.seq_to_token_attention`) or ``auto``.
+    ``cu_seqlens`` must be well formed (`r2m.packed.check_cu_seqlens`); ``max_seqlen``, the longest sequence, spares
+    the Triton launcher reading it from the device.
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"attend: impl must be 'auto', 'torch' or 'triton', got {impl!r} (naive projects keys and "
@@ -77,9 +77,10 @@ def attend(hidden: Tensor, u: Tensor, *, cu_seqlens: Tensor | None = None, mask:
             raise TypeError(f"impl='triton' takes bfloat16, float16 or float32 hidden states, got {hidden.dtype}; "
                             f"use impl='torch' for other dtypes")
         if cu_seqlens is None:
-            hidden, cu_seqlens = pack(hidden, mask)
+            hidden, cu_seqlens, max_seqlen = *pack(hidden, mask), hidden.shape[1]
         return seq_to_token_attention(hidden, cu_seqlens.to(device=hidden.device, dtype=torch.int32),
-                                      u.to(device=hidden.device, dtype=torch.float32).contiguous())
+                                      u.to(device=hidden.device, dtype=torch.float32).contiguous(),
+                                      max_seqlen=max_seqlen)
     dtype = torch.promote_types(u.dtype, torch.float32)
     padded, mask = _zero_padded(hidden, mask, cu_seqlens, dtype)
     return _attend_torch(padded, mask, u.to(device=hidden.device, dtype=dtype))
@@ -178,15 +179,23 @@ class SequenceToTokenAttention(nn.Module):
         -> Ĥ [B, D_rm] in float32."""
         rte = self._check_rte(rte)
         hidden, mask, cu_seqlens = self.check_hidden(hidden, mask, cu_seqlens, rte.shape[0])
+        return self._attend(rte, hidden, mask, cu_seqlens, None)
+
+    def forward_states(self, rte: Tensor, states: PackedStates) -> Tensor:
+        """rte [B, D_rm] and the B samples' `PackedStates` (checked when they were built, so neither checked again
+        nor read back from the device here) -> Ĥ [B, D_rm] in float32."""
+        rte = self._check_rte(rte)
+        hidden = states.hidden.to(self.q_proj.weight.device)
+        return self._attend(rte, hidden, None, states.cu_seqlens.to(hidden.device), states.max_seqlen)
+
+    def _attend(self, rte: Tensor, hidden: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                max_seqlen: int | None) -> Tensor:
         impl = self.resolve_impl(hidden)
         if impl == "naive":
             return self._forward_naive(rte, *_zero_padded(hidden, mask, cu_seqlens, self.k_proj.weight.dtype))
-        context, _ = attend(hidden, self.query_vectors(rte), cu_seqlens=cu_seqlens, mask=mask, impl=impl)
+        context, _ = attend(hidden, self.query_vectors(rte), cu_seqlens=cu_seqlens, mask=mask, impl=impl,
+                            max_seqlen=max_seqlen)
         return self.project_context(context)
-
-    def forward_packed(self, rte: Tensor, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """rte [B, D_rm], packed hidden [N, D_p], cu_seqlens [B + 1] int32 -> Ĥ [B, D_rm]."""
-        return self.forward(rte, hidden, cu_seqlens=cu_seqlens)
 
     def query_vectors(self, rte: Tensor) -> Tensor:
         """u_e = W_k,e q_e / sqrt(d_h): the only thing the sequence is ever dotted with. [B, D_rm] -> [B, H, D_p]."""
@@ -248,13 +257,5 @@ class SequenceToTokenAttention(nn.Module):
         if hidden.dim() != 2:
             raise ValueError(f"packed hidden must have shape [total_tokens, {self.policy_dim}] with cu_seqlens, got "
                              f"{tuple(hidden.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() != batch + 1 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be an integer tensor of shape [batch + 1 = {batch + 1}], got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).any()
-        malformed = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != hidden.shape[0]) | decreasing
-        if bool(malformed):  # one host sync for all three checks
-            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at total_tokens="
-                             f"{hidden.shape[0]}, got {cu_seqlens.tolist()}")
-        return hidden, None, cu_seqlens
+        cu_seqlens = check_cu_seqlens(cu_seqlens, batch, hidden.shape[0])
+        return hidden, None, cu_seqlens.to(device=device, dtype=torch.int32)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from r2m.checks import check_int
+from r2m.packed import row_positions
 
 
 def pooled_response_states(hidden: Tensor, cu_seqlens: Tensor, response_lengths: Sequence[int]) -> Tensor:
@@ -27,8 +28,7 @@ def pooled_response_states(hidden: Tensor, cu_seqlens: Tensor, response_lengths:
     starts = torch.maximum(ends - torch.as_tensor(list(response_lengths), dtype=torch.long), firsts)
     counts = (ends - starts).clamp_min(0)
     rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    positions = torch.repeat_interleave(starts, counts) + torch.arange(int(counts.sum())) - torch.repeat_interleave(
-        counts.cumsum(0) - counts, counts)
+    positions = row_positions(starts, counts)
     device = hidden.device
     sums = torch.zeros(counts.numel(), hidden.shape[-1], device=device).index_add_(
         0, rows.to(device), hidden.index_select(0, positions.to(device)).float())

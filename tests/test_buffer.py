@@ -10,17 +10,18 @@ import torch.multiprocessing as mp
 
 from r2m.benchmarks import tiny_models as tiny
 from r2m.buffer import RolloutStore, agree
-from r2m.capture import CapturedStates, HiddenStateCapture
+from r2m.capture import HiddenStateCapture
+from r2m.packed import PackedStates
 
 DIM = 3
 
 
 def states(lengths, fill=None, keys=None):
-    """CapturedStates with sample i of ``lengths[i]`` rows, every value ``fill[i]`` (default: i), keyed ``keys``."""
+    """PackedStates with sample i of ``lengths[i]`` rows, every value ``fill[i]`` (default: i), keyed ``keys``."""
     fill = range(len(lengths)) if fill is None else fill
     hidden = [torch.full((n, DIM), float(v)) for n, v in zip(lengths, fill, strict=True)]
     keys = [(i,) for i in range(len(lengths))] if keys is None else keys
-    return CapturedStates.from_samples(hidden, keys)
+    return PackedStates.from_samples(hidden, keys)
 
 
 def test_refresh_replaces_the_newest_batch_holding_each_key_and_counts_rows():

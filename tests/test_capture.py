@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from r2m.benchmarks import tiny_models as tiny
-from r2m.capture import CapturedStates, HiddenStateCapture, _gather, _valid_but_last
+from r2m.capture import HiddenStateCapture, _gather, _valid_but_last
 from r2m.hf_models import find_body
+from r2m.packed import PackedStates
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
 
@@ -143,13 +144,13 @@ def test_gather_keeps_the_valid_positions_but_the_last_row_by_row():
 
 def test_captured_states_pack_replace_copy_and_count():
     a, b = torch.ones(2, 3), torch.full((1, 3), 2.0)
-    states = CapturedStates.from_samples([a, None, b], [(1, 2, 3), None, (4, 5)])
+    states = PackedStates.from_samples([a, None, b], [(1, 2, 3), None, (4, 5)])
     assert states.cu_seqlens.tolist() == [0, 2, 2, 3] and states.missing == [1] and states.sample(1) is None
-    filled = states.replace([1], CapturedStates.from_samples([torch.zeros(4, 3)], [(6,) * 5]))
+    filled = states.replace([1], PackedStates.from_samples([torch.zeros(4, 3)], [(6,) * 5]))
     assert filled.missing == [] and filled.cu_seqlens.tolist() == [0, 2, 6, 7] and filled.tokens[1] == (6,) * 5
     assert torch.equal(filled.sample(2), b) and filled.nonfinite_samples() == 0
 
-    source = CapturedStates.from_samples([torch.full((1, 3), 7.0), torch.full((2, 3), 9.0, dtype=torch.float64)],
+    source = PackedStates.from_samples([torch.full((1, 3), 7.0), torch.full((2, 3), 9.0, dtype=torch.float64)],
                                          [(4, 5), (1, 2, 3)])
     filled.copy_samples_([0], source, [1])  # a gather from the source
     assert filled.hidden.dtype == torch.float64  # promoted: the refresh keeps the wider dtype
@@ -162,7 +163,7 @@ def test_captured_states_pack_replace_copy_and_count():
 
     filled.hidden[3, 1] = float("nan")
     assert filled.nonfinite_samples() == 1
-    assert CapturedStates.concat([filled, CapturedStates.none_found(2)]).cu_seqlens.tolist() == [0, 2, 6, 7, 7, 7]
+    assert PackedStates.concat([filled, PackedStates.none_found(2)]).cu_seqlens.tolist() == [0, 2, 6, 7, 7, 7]
 
 
 def test_find_body_rejects_a_bare_module():

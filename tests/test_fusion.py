@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from r2m.fusion import SequenceToTokenAttention, attend, pack, unpack
+from r2m.packed import PackedStates
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-4), torch.bfloat16: dict(atol=2e-5, rtol=2e-4)}
 
@@ -101,7 +102,9 @@ def test_packed_equals_padded(impl):
     packed, cu_seqlens = pack(hidden, mask)
     assert cu_seqlens.tolist() == [0, 3, 3, 9, 10] and cu_seqlens.dtype == torch.int32
     assert packed.shape == (10, 6)
-    torch.testing.assert_close(module.forward_packed(rte, packed, cu_seqlens), module(rte, hidden, mask))
+    torch.testing.assert_close(module(rte, packed, cu_seqlens=cu_seqlens), module(rte, hidden, mask))
+    torch.testing.assert_close(module.forward_states(rte, PackedStates.from_padded(hidden, mask)),
+                               module(rte, hidden, mask))
     padded, mask_back = unpack(packed, cu_seqlens)
     assert torch.equal(mask_back, mask[:, : mask_back.shape[1]])
     assert torch.equal(padded, hidden[:, : padded.shape[1]])
@@ -156,9 +159,9 @@ def test_bad_inputs_name_the_argument(kwargs, message):
 def test_bad_cu_seqlens():
     module = SequenceToTokenAttention(6, 4, 4)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
-        module.forward_packed(torch.randn(2, 6), torch.randn(5, 4), torch.tensor([0, 4, 3], dtype=torch.int32))
+        module(torch.randn(2, 6), torch.randn(5, 4), cu_seqlens=torch.tensor([0, 4, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"cu_seqlens must be an integer tensor of shape \[batch \+ 1 = 3\]"):
-        module.forward_packed(torch.randn(2, 6), torch.randn(5, 4), torch.tensor([0, 5], dtype=torch.int32))
+        module(torch.randn(2, 6), torch.randn(5, 4), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(attn_dim=6, num_heads=4), "divisible"),

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r2m.capture import CapturedStates
 from r2m.monitor import group_state_similarity, pooled_response_states
+from r2m.packed import PackedStates
 
 
 def test_pooled_response_states_average_the_last_positions_of_each_sample():
     generator = torch.Generator().manual_seed(0)
     samples = [torch.randn(n, 5, generator=generator, dtype=torch.float64) for n in (4, 1, 6, 3)]
-    states = CapturedStates.from_samples(samples, [(i,) for i in range(4)])
+    states = PackedStates.from_samples(samples, [(i,) for i in range(4)])
     lengths = [2, 3, 6, 0]  # the second asks for more positions than it has; the last for none
     pooled = pooled_response_states(states.hidden, states.cu_seqlens, lengths)
     expected = [samples[0][-2:].mean(0), samples[1].mean(0), samples[2].mean(0), torch.zeros(5)]

@@ -477,3 +477,29 @@ def test_update_counts_degenerate_groups(reward_model):
     assert (stats["groups_used"], stats["groups_skipped"], stats["groups_degenerate"]) == (3, 0, 2)
     frozen = make(reward_model, mode="frozen").update(rte, hidden, mask, rewards, group_size=4, step=3)
     assert frozen["groups_degenerate"] == 0
+
+
+def test_update_size_is_the_relative_change_of_fusion_and_head(reward_model):
+    def weights(m):
+        return torch.cat([p.detach().double().flatten() for p in [*m.fusion.parameters(), *m.head.parameters()]])
+
+    model = make(reward_model)
+    before = weights(model)
+    stats = model.update(*batch(seed=41), 4, 0)
+    expected = float((weights(model) - before).norm() / before.norm())
+    assert expected > 0 and stats["update_size"] == pytest.approx(expected, rel=1e-9)
+    frozen = make(copy.deepcopy(reward_model), mode="frozen")
+    assert frozen.update(*batch(seed=41), 4, 0)["update_size"] == 0.0
+
+
+def test_packed_states_path_equals_the_padded_arguments(reward_model):
+    """score / update_states on PackedStates are what reward_from_rte / update give for padded hidden + mask."""
+    rte, hidden, mask, rewards = batch(seed=43)
+    padded, packed = make(copy.deepcopy(reward_model)), make(copy.deepcopy(reward_model))
+    packed.load_state_dict(padded.state_dict())
+    states = r2m.packed.PackedStates.from_padded(hidden, mask)
+    torch.testing.assert_close(packed.score(rte, states, 3), padded.reward_from_rte(rte, hidden, mask, 3))
+    assert packed.update_states(rte, states, rewards, 4, 3)["loss"] == padded.update(rte, hidden, mask, rewards, 4,
+                                                                                     3)["loss"]
+    for a, b in zip(padded.trainable_parameters(), packed.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b)

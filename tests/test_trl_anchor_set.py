@@ -46,12 +46,12 @@ def test_grpo_with_a_fixed_anchor_set(mode, anchor_every, steps, tmp_path):
                           train_dataset=trl_tiny.dataset(), processing_class=policy_tokenizer)
     trainer.train()
     counter.handle.remove()
-    updates = len(reward.update_stats)
+    updates = len(trl_tiny.updates(trainer))
     assert updates == steps  # one generation batch per step
     expected = math.ceil(updates / anchor_every) if mode == "anchored" else 0
     assert reward.anchor_forwards == expected == counter.count
     assert reward.extra_forwards == 0  # the policy's own samples still need none
-    assert all(s["anchor_set_bt"] > 0 and math.isfinite(s["loss"]) for s in reward.update_stats)
+    assert all(u["anchor_set_bt"] > 0 and math.isfinite(u["loss"]) for u in trl_tiny.updates(trainer))
     logged = [e for e in trainer.state.log_history if "r2m/anchor_set_bt" in e]
     assert len(logged) == updates and all(math.isfinite(e["r2m/anchor_set_bt"]) for e in logged)
     assert [e["r2m/anchor_forwards"] for e in logged][-1] == expected
@@ -84,14 +84,14 @@ def test_grpo_with_a_judge_and_a_fixed_anchor_set(kind, tmp_path):
     counter = AnchorForwardCounter(policy, 2 * len(JUDGE_PAIRS))
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], callbacks=[reward], args=test_trl_judge.args(tmp_path),
                           train_dataset=test_trl_judge.dataset(), processing_class=policy_tokenizer)
-    anchors, update = [], reward.r2m.update
-    reward.r2m.update = lambda *a, anchor, **k: anchors.append(anchor) or update(*a, anchor=anchor, **k)
+    anchors, update = [], reward.r2m.update_states
+    reward.r2m.update_states = lambda *a, anchor, **k: anchors.append(anchor) or update(*a, anchor=anchor, **k)
     trainer.train()
     counter.handle.remove()
 
-    assert len(reward.update_stats) == len(anchors) == 3
+    assert len(trl_tiny.updates(trainer)) == len(anchors) == 3
     assert reward.anchor_forwards == counter.count == 3  # anchor_every=1: one forward per update
-    assert all(s["anchor_set_bt"] > 0 and math.isfinite(s["loss"]) for s in reward.update_stats)
+    assert all(u["anchor_set_bt"] > 0 and math.isfinite(u["loss"]) for u in trl_tiny.updates(trainer))
     logged = [e for e in trainer.state.log_history if "r2m/anchor_set_bt" in e]
     assert len(logged) == 3 and all(math.isfinite(e["r2m/anchor_set_bt"]) for e in logged)
     assert [e["r2m/anchor_forwards"] for e in logged] == [1.0, 2.0, 3.0]

@@ -54,11 +54,12 @@ def test_grpo_with_a_gold_labeller_on_one_group_per_batch(mode, tmp_path):
                           train_dataset=trl_tiny.dataset(), processing_class=policy_tokenizer)
     trainer.train()
     assert calls == [4, 4, 4]  # one group of 4 per generation batch of 4 groups
-    assert len(reward.update_stats) == 3 and reward.extra_forwards == 0
-    assert all(s["groups_used"] == 1.0 for s in reward.update_stats)  # per_device 4 = one group per batch
-    labelled = [s["groups_labelled"] for s in reward.update_stats]
+    updates = trl_tiny.updates(trainer)
+    assert len(updates) == 3 and reward.extra_forwards == 0
+    assert all(u["groups_used"] == 1.0 for u in updates)  # per_device 4 = one group per batch
+    labelled = [u["groups_labelled"] for u in updates]
     assert all(v in (0.0, 1.0) for v in labelled) and sum(labelled) >= 1  # a tied group gives no pair
-    assert all(s["anchor_bt"] > 0 for s in reward.update_stats if s["groups_labelled"])
+    assert all(u["anchor_bt"] > 0 for u in updates if u["groups_labelled"])
     logged = [e for e in trainer.state.log_history if "r2m/labelled_share" in e]
     assert logged and all(e["r2m/labelled_share"] == 1.0 for e in logged)
 

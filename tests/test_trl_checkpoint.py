@@ -50,15 +50,16 @@ def r2m_state(reward):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path):
-    _, reference = run(tmp_path / "reference")
-    _, interrupted = run(tmp_path / "resumed", stop_at=2)
-    assert len(interrupted.update_stats) == 2
+    reference_trainer, reference = run(tmp_path / "reference")
+    interrupted_trainer, interrupted = run(tmp_path / "resumed", stop_at=2)
+    assert len(trl_tiny.updates(interrupted_trainer)) == 2
     saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "r2m" / "r2m_model.safetensors"))
     assert torch.equal(saved["head.weight"], interrupted.r2m.head.weight)
 
-    _, resumed = run(tmp_path / "resumed", resume=True)
-    assert len(resumed.update_stats) == 2
-    assert [s["loss"] for s in resumed.update_stats] == [s["loss"] for s in reference.update_stats[2:]]
+    resumed_trainer, resumed = run(tmp_path / "resumed", resume=True)
+    resumed_updates = trl_tiny.updates(resumed_trainer, after_step=2)
+    assert len(resumed_updates) == 2
+    assert [u["loss"] for u in resumed_updates] == [u["loss"] for u in trl_tiny.updates(reference_trainer)[2:]]
     expected, got = r2m_state(reference), r2m_state(resumed)
     assert expected.keys() == got.keys()
     for key in expected:
@@ -73,6 +74,6 @@ def test_resume_from_a_checkpoint_elsewhere(tmp_path):
     shutil.rmtree(tmp_path / "first" / "checkpoint-2" / "r2m")
     with pytest.raises(FileNotFoundError, match="load_checkpoint"):
         run(tmp_path / "first", resume=str(tmp_path / "first" / "checkpoint-2"))
-    _, resumed = run(tmp_path / "other", resume=str(tmp_path / "moved"),
-                     reward_setup=lambda reward: reward.load_checkpoint(tmp_path / "moved"))
-    assert len(resumed.update_stats) == 2
+    resumed_trainer, _ = run(tmp_path / "other", resume=str(tmp_path / "moved"),
+                             reward_setup=lambda reward: reward.load_checkpoint(tmp_path / "moved"))
+    assert len(trl_tiny.updates(resumed_trainer, after_step=2)) == 2

@@ -74,7 +74,8 @@ def test_combined_options_need_no_extra_forward_and_refresh_every_sample(kind, t
     truncated = [c for completion_ids, _ in calls for c in completion_ids if c[-1] != eos]
     assert truncated, "the run must contain truncated completions for mask_truncated_completions to matter"
     assert all(r is not None and math.isfinite(r) for _, rewards in calls for r in rewards)
-    assert reward.update_stats and all(s["refreshed"] == 1.0 for s in reward.update_stats)
+    updates = trl_tiny.updates(trainer)
+    assert updates and all(u["refreshed"] == 1.0 for u in updates)
     history = [entry for entry in trainer.state.log_history if "r2m/refreshed" in entry]
     assert history and all(entry["r2m/refreshed"] == 1.0 for entry in history)
     assert all(entry["r2m/extra_forward_share"] == 0.0
@@ -139,4 +140,5 @@ def test_encoder_and_neox_reward_models_score_exactly_their_logits_at_the_start(
         expected = [float(reward_model(**reward_tokenizer(p + c, return_tensors="pt", add_special_tokens=False)).logits)
                     for p, c in zip(prompts, completions, strict=True)]
     assert rewards == pytest.approx(expected, abs=1e-5)
-    assert len(reward.update_stats) == 2 and all(s["refreshed"] == 1.0 for s in reward.update_stats)
+    updates = trl_tiny.updates(trainer)
+    assert len(updates) == 2 and all(u["refreshed"] == 1.0 for u in updates)

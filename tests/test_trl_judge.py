@@ -166,9 +166,10 @@ def test_grpo_with_an_r2m_wrapped_judge(kind, tmp_path):
         assert logged(trainer, "rm_r1/unparseable") == [float(GENERATIONS * (GENERATIONS - 1))] * 3
     assert all(math.isfinite(v) for v in logged(trainer, "rewards/r2m/mean"))
 
-    assert [s["groups_skipped"] for s in reward.update_stats] == [1.0] * 3
-    assert [s["groups_used"] for s in reward.update_stats] == [1.0] * 3
-    assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
+    updates = trl_tiny.updates(trainer)
+    assert [u["groups_skipped"] for u in updates] == [1.0] * 3
+    assert [u["groups_used"] for u in updates] == [1.0] * 3
+    assert all(u["refreshed"] == 1.0 for u in updates)
     for name in ("fusion", "head"):
         assert any(not torch.equal(v, initial.state[k]) for k, v in reward_state(reward.r2m).items()
                    if k.startswith(name)), f"{name} did not train"
@@ -187,7 +188,7 @@ def test_gibberish_judge_gives_none_and_skips_every_group(tmp_path):
     initial = Snapshot(reward)
     trainer = train(reward, tmp_path, callbacks=[initial], max_steps=2)
     assert seen == [[None] * (GENERATIONS * PROMPTS_PER_STEP)] * 2
-    assert [s["groups_skipped"] for s in reward.update_stats] == [2.0, 2.0]
+    assert [u["groups_skipped"] for u in trl_tiny.updates(trainer)] == [2.0, 2.0]
     assert logged(trainer, "r2m/reward_nonfinite") == [8.0, 8.0] and logged(trainer, "spct/no_reward") == [8.0, 8.0]
     for key, value in reward_state(reward.r2m).items():
         assert torch.equal(value, initial.state[key]), f"{key} changed although no group had rewards"
@@ -225,17 +226,18 @@ class StopAt(TrainerCallback):
 def test_resume_with_a_judge_equals_the_uninterrupted_run(tmp_path):
     def run(output_dir, **kwargs):
         reward = R2MReward(make_judge("spct"), config=config())
-        train(reward, output_dir, max_steps=4, save_strategy="steps", save_steps=2, **kwargs)
-        return reward
+        trainer = train(reward, output_dir, max_steps=4, save_strategy="steps", save_steps=2, **kwargs)
+        return reward, trainer
 
-    reference = run(tmp_path / "reference")
-    interrupted = run(tmp_path / "resumed", callbacks=[StopAt(2)])
-    assert len(interrupted.update_stats) == 2
+    reference, reference_trainer = run(tmp_path / "reference")
+    _, interrupted = run(tmp_path / "resumed", callbacks=[StopAt(2)])
+    assert len(trl_tiny.updates(interrupted)) == 2
     assert (tmp_path / "resumed" / "checkpoint-2" / "r2m" / "r2m_model.safetensors").is_file()
-    resumed = run(tmp_path / "resumed", resume=True)
-    assert len(resumed.update_stats) == 2
-    assert [s["loss"] for s in resumed.update_stats] == [s["loss"] for s in reference.update_stats[2:]]
-    assert all(s["groups_used"] == 1.0 for s in reference.update_stats)
+    resumed, resumed_trainer = run(tmp_path / "resumed", resume=True)
+    expected_updates, resumed_updates = trl_tiny.updates(reference_trainer), trl_tiny.updates(resumed_trainer, 2)
+    assert len(resumed_updates) == 2
+    assert [u["loss"] for u in resumed_updates] == [u["loss"] for u in expected_updates[2:]]
+    assert all(u["groups_used"] == 1.0 for u in expected_updates)
     expected, got = reward_state(reference.r2m), reward_state(resumed.r2m)
     assert expected.keys() == got.keys()
     for key in expected:

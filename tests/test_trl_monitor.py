@@ -120,7 +120,8 @@ def test_head_only_mode_monitor_logs_and_the_update_trains_only_the_head(tmp_pat
     assert len(similarity) == STEPS and all(math.isfinite(s) and -1.0 <= s <= 1.0 for s in similarity)
     assert similarity == pytest.approx([c["direct"] for c in calls], abs=1e-4)
     assert [c["held"] for c in calls] == [0] * STEPS and reward.extra_forwards == 0
-    assert len(reward.update_stats) == STEPS and all(s["refreshed"] == 0.0 for s in reward.update_stats)
+    updates = trl_tiny.updates(trainer)
+    assert len(updates) == STEPS and all(u["refreshed"] == 0.0 for u in updates)
     for key, value in reward.r2m.fusion.state_dict().items():
         assert torch.equal(value, reward.before["fusion"][key]), f"the fusion changed: {key}"
     assert any(not torch.equal(v, reward.before["head"][k]) for k, v in reward.r2m.head.state_dict().items())

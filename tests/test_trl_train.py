@@ -90,8 +90,8 @@ def test_training_run(kind, tmp_path):
         assert held == rows * policy.config.hidden_size * 4
     assert reward.stored_hidden_bytes == 0  # nothing held after training
     assert reward.capture_plan == ("generation" if kind == "grpo" else "forward") and reward.extra_forwards == 0
-    assert len(reward.update_stats) == 4 and all(s["refreshed"] == 1.0 for s in reward.update_stats)
-    assert [s["omega"] for s in reward.update_stats] == pytest.approx([r2m.omega(t, 4, 0.6) for t in range(4)])
+    updates = trl_tiny.updates(trainer)
+    assert len(updates) == 4 and all(u["refreshed"] == 1.0 for u in updates)
 
 
 @pytest.mark.slow
@@ -114,10 +114,10 @@ def test_no_extra_policy_forward(kind, overrides, plan, tmp_path):
             trainer.train()
         else:
             reward = R2MReward(reward_model, reward_tokenizer, config=config())
-            train(kind, tmp_path / variant, reward, policy, policy_tokenizer, **overrides)
+            trainer = train(kind, tmp_path / variant, reward, policy, policy_tokenizer, **overrides)
             assert reward.capture_plan == plan and reward.extra_forwards == 0
             assert reward.capture_counts[plan] > 0 and reward.capture_counts["extra"] == 0
-            assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
+            assert all(u["refreshed"] == 1.0 for u in trl_tiny.updates(trainer))
         counts[variant] = counter.count
     assert counts["r2m"] == counts["vanilla"] > 0
 
@@ -132,7 +132,7 @@ def test_extra_forward_when_the_trainer_runs_none(tmp_path):
     assert reward.capture_plan == "extra" and reward.extra_forwards == 2
     assert [v for _, v in logged(trainer, "r2m/extra_forward_share")] == [1.0, 1.0]
     # the training pass saw exactly the token sequences of the extra forward: every sample was refreshed
-    assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
+    assert all(u["refreshed"] == 1.0 for u in trl_tiny.updates(trainer))
 
 
 @pytest.mark.slow
@@ -142,10 +142,10 @@ def test_heterogeneous_policy_and_reward_model(policy_family, rm_family, tmp_pat
         policy_family, rm_family, policy_hidden=40, rm_hidden=24, rm_tokenizer="byte")
     reward = R2MReward(reward_model, reward_tokenizer, config=config(hidden_offload=True))
     seen = spy_rewards(reward)
-    train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2, bf16=True)  # CPU autocast
+    trainer = train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2, bf16=True)  # CPU autocast
     assert reward.r2m.policy_dim == 40 and reward.r2m.rm_dim == 24
     assert all(math.isfinite(r) for rewards in seen for r in rewards)
-    assert len(reward.update_stats) == 2 and reward.extra_forwards == 0
+    assert len(trl_tiny.updates(trainer)) == 2 and reward.extra_forwards == 0
 
 
 @pytest.mark.slow
@@ -161,7 +161,7 @@ def test_mixes_with_other_reward_functions_and_accepts_a_path(tmp_path):
     trainer = train("grpo", tmp_path, reward, policy, policy_tokenizer, reward_funcs=[length_reward, reward],
                     max_steps=2)
     assert logged(trainer, "rewards/r2m_rm/mean") and logged(trainer, "rewards/length_reward/mean")
-    assert len(reward.update_stats) == 2
+    assert len(trl_tiny.updates(trainer)) == 2
 
 
 @pytest.mark.slow
@@ -206,7 +206,7 @@ def test_non_finite_reward_model_output_never_reaches_the_trainer(tmp_path):
     assert all(rewards[0] is None for rewards in seen)
     assert all(r is None or math.isfinite(r) for rewards in seen for r in rewards)
     assert [v for _, v in logged(trainer, "r2m/reward_nonfinite")] == [1.0, 1.0]
-    assert [s["groups_skipped"] for s in reward.update_stats] == [1.0, 1.0]
+    assert [u["groups_skipped"] for u in trl_tiny.updates(trainer)] == [1.0, 1.0]
     assert all(torch.isfinite(p).all() for p in reward.r2m.trainable_parameters())
 
 
@@ -220,7 +220,7 @@ def test_evaluation_rewards_do_not_enter_the_update(tmp_path):
                           train_dataset=trl_tiny.dataset(), eval_dataset=trl_tiny.dataset(4),
                           processing_class=policy_tokenizer)
     trainer.train()
-    assert len(reward.update_stats) == 2
+    assert len(trl_tiny.updates(trainer)) == 2
     assert logged(trainer, "eval_r2m/reward_mean")
 
 
@@ -230,7 +230,7 @@ def test_modes_without_policy_states_capture_nothing(mode, tmp_path):
     policy, policy_tokenizer, reward_model, reward_tokenizer = trl_tiny.models_()
     reward = R2MReward(reward_model, reward_tokenizer, config=config(mode=mode))
     trainer = train("grpo", tmp_path, reward, policy, policy_tokenizer, max_steps=2)
-    assert reward.capture_plan is None and reward.extra_forwards == 0 and len(reward.update_stats) == 2
+    assert reward.capture_plan is None and reward.extra_forwards == 0 and len(trl_tiny.updates(trainer)) == 2
     assert [v for _, v in logged(trainer, "r2m/capture_ms")] == [0.0, 0.0]
 
 
@@ -256,7 +256,7 @@ def test_conversational_prompts(overrides, tmp_path):
     prompts = {row["prompt"] for row in trl_tiny.dataset()}
     assert all(any(text.startswith(p + " ") for p in prompts) for text in texts[0])  # the templated conversation
     assert reward.capture_counts["extra"] == (8 if overrides else 0)
-    assert all(s["refreshed"] == 1.0 for s in reward.update_stats)
+    assert all(u["refreshed"] == 1.0 for u in trl_tiny.updates(trainer))
 
 
 @pytest.mark.slow

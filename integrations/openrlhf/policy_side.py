@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from r2m import fusion
 from r2m.buffer import RolloutStore
-from r2m.capture import CapturedStates
 from r2m.hf_models import find_body
+from r2m.packed import PackedStates, finite_samples
 
 
 def fingerprints(sequences: Tensor, attention_mask: Tensor) -> list[str]:
@@ -146,19 +146,15 @@ class PolicyStateStore:
             c, _ = fusion.attend(hidden, u, cu_seqlens=cu_seqlens, impl=self.impl)
         return torch.autograd.grad(c, u, dc.to(device=c.device, dtype=c.dtype))[0]
 
-    def _packed(self, rows: list[Tensor]) -> CapturedStates:
-        # The store names samples by key: CapturedStates' token ids are not needed (an empty tuple marks "present").
-        packed = CapturedStates.from_samples(rows, [()] * len(rows))
+    def _packed(self, rows: list[Tensor]) -> PackedStates:
+        packed = PackedStates.from_samples(rows)  # the store names samples by key, not by token ids
         if self.offload:
             packed.hidden = packed.hidden.to("cpu")
         return packed
 
     def _clean(self, keys: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         hidden, cu_seqlens = self.states(keys)
-        token_ok = torch.isfinite(hidden).all(dim=-1)
-        bad = torch.cat([token_ok.new_zeros(1, dtype=torch.int64), (~token_ok).long().cumsum(0)])
-        cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
-        ok = (bad[cu[1:]] - bad[cu[:-1]]) == 0
+        token_ok, ok = finite_samples(hidden, cu_seqlens)
         if not bool(token_ok.all()):
             hidden = torch.where(token_ok[:, None], hidden, hidden.new_zeros(()))
         return hidden, cu_seqlens.to(hidden.device), ok.cpu()

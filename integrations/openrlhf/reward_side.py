@@ -18,6 +18,7 @@ from torch import Tensor
 
 from r2m.base import PolicyContext, R2MModule
 from r2m.integrations.openrlhf.policy_side import PolicyStateStore
+from r2m.packed import PackedStates
 
 ROUTINGS = ("full", "compact")
 
@@ -86,17 +87,17 @@ class PolicyFeedback:
         self.ok: Tensor | None = None
         self._tokens: list[str | None] = []
 
-    def hidden(self) -> tuple[Tensor, Tensor]:
-        """All states packed in batch order [N, D_p] (as the policy keeps them) and cu_seqlens [B + 1] int32."""
+    def states(self) -> PackedStates:
+        """All states packed in batch order (in the dtype the policy keeps them), on ``device``."""
         results = self._call("states", lambda keys, positions: (keys,))
         rows: list[Tensor | None] = [None] * len(self.keys)
         for (_, positions), (hidden, cu_seqlens) in zip(self.parts, results, strict=True):
+            part = PackedStates(hidden, cu_seqlens)
             for i, position in enumerate(positions):
-                rows[position] = hidden[int(cu_seqlens[i]):int(cu_seqlens[i + 1])]
-        lengths = torch.tensor([row.shape[0] for row in rows], dtype=torch.int32)
-        cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
-        return torch.cat(rows).to(self.device), cu_seqlens.to(self.device)
+                rows[position] = part.sample(i)
+        states = PackedStates.from_samples(rows)
+        states.hidden = states.hidden.to(self.device)
+        return states
 
     def attend(self, u: Tensor, keep_for_backward: bool = False) -> tuple[Tensor, Tensor]:
         """c [B, H, D_p] and lse [B, H] for query vectors u [B, H, D_p]; sets ``ok`` [B] (finite states)."""
@@ -174,24 +175,20 @@ class R2MRewardSide:
     @torch.no_grad()
     def rewards(self, rte: Tensor, feedback: PolicyFeedback | None, step: int) -> Tensor:
         """R2M rewards [B] (float32) at policy step ``step``; the vanilla reward where an input is not finite."""
-        if not self.needs_policy:
-            return self.rm.reward_from_rte(rte, None, None, step)
-        feedback = _require(feedback)
-        if self.routing == "full":
-            hidden, cu_seqlens = feedback.hidden()
-            return self.rm.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens)
-        return self.rm.reward_from_rte(rte, None, None, step, context=self._context(rte, feedback))
+        return self.rm.score(rte, self._states(rte, feedback), step)
 
     def update(self, rte: Tensor, feedback: PolicyFeedback | None, rewards: Tensor, group_size: int,
                step: int) -> dict[str, float]:
         """One GREBT update on groups of ``group_size`` consecutive samples (as `R2MModule.update`)."""
+        return self.rm.update_states(rte, self._states(rte, feedback), rewards, group_size, step)
+
+    def _states(self, rte: Tensor, feedback: PolicyFeedback | None) -> PackedStates | PolicyContext | None:
+        """What the core reads of the policy: nothing, the fetched states (``full``) or a remote attend
+        (``compact``)."""
         if not self.needs_policy:
-            return self.rm.update(rte, None, None, rewards, group_size, step)
+            return None
         feedback = _require(feedback)
-        if self.routing == "full":
-            hidden, cu_seqlens = feedback.hidden()
-            return self.rm.update(rte, hidden, None, rewards, group_size, step, cu_seqlens=cu_seqlens)
-        return self.rm.update(rte, None, None, rewards, group_size, step, context=self._context(rte, feedback))
+        return feedback.states() if self.routing == "full" else self._context(rte, feedback)
 
     def _context(self, rte: Tensor, feedback: PolicyFeedback) -> PolicyContext:
         """"attend(u) -> c" on the policy actors: u travels there, c (and, in a backward, dc/du) travels back."""

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from r2m.anchors import AnchorBatch
-from r2m.capture import CapturedStates
 from r2m.checks import check_int
 from r2m.config import LABELLED_MODES
 from r2m.distributed import agree
 from r2m.integrations.trl.policy_states import PolicyStateSource
+from r2m.packed import PackedStates
 
 Pair = tuple[Any, Any, Any]
 Scorer = Callable[[list, list], tuple[Tensor, Tensor | None]]
@@ -41,7 +41,7 @@ class AnchorSet:
         self.forwards = 0
         self.rte: Tensor | None = None  # [2P, D_rm], chosen then rejected
         self.base_rewards: Tensor | None = None  # [2P], a judge's rewards (NaN where it gave none)
-        self.states: CapturedStates | None = None
+        self.states: PackedStates | None = None
         self._updates = 0
 
     def prepare(self, score: Scorer) -> None:

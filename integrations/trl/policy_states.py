@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments
 from trl import RLOOConfig
 from trl.data_utils import is_conversational
 
-from r2m.capture import CapturedStates, HiddenStateCapture
+from r2m.capture import HiddenStateCapture
 from r2m.distributed import agree
+from r2m.packed import PackedStates
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class PolicyStateSource:
     """
 
     def __init__(self, model: nn.Module, args: TrainingArguments, processing_class: PreTrainedTokenizerBase,
-                 offload: bool, on_train_forward: Callable[[CapturedStates], None] | None):
+                 offload: bool, on_train_forward: Callable[[PackedStates], None] | None):
         self.plan = capture_plan(args)
         self.tokenizer = processing_class
         pad_token_id = getattr(getattr(processing_class, "tokenizer", processing_class), "pad_token_id", None)
@@ -58,7 +59,7 @@ class PolicyStateSource:
         self.extra_forwards = 0
 
     def take(self, prompts: list, completion_ids: list[list[int]], trainer: object = None
-             ) -> tuple[CapturedStates, int]:
+             ) -> tuple[PackedStates, int]:
         """The batch's states, and how many samples needed an extra forward. ``trainer``: the TRL trainer (its
         ``model``, ``tools`` and ``chat_template``), when known."""
         completions = [list(c) for c in completion_ids]
@@ -67,7 +68,7 @@ class PolicyStateSource:
         elif self.plan == "generation":
             states = self.capture.pop_generation(completions)
         else:
-            states = CapturedStates.none_found(len(completions))
+            states = PackedStates.none_found(len(completions))
         self.capture.clear()
         missing = states.missing
         self.counts[self.plan] += len(completions) - len(missing)

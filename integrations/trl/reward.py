@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,38 +15,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedTokenizerBase,
     TrainerCallback,
     TrainerControl,
     TrainerState,
     TrainingArguments,
 )
-from transformers.integrations import deepspeed as hf_deepspeed
 from trl import GRPOConfig, RLOOConfig
 from trl.data_utils import apply_chat_template, is_conversational
 
 from r2m.adapters import GenerativeJudge
 from r2m.base import R2MModule
 from r2m.buffer import Rollout, RolloutStore
-from r2m.capture import CapturedStates
 from r2m.config import LABELLED_MODES, R2MConfig
-from r2m.distributed import rank_and_world, zero3_partitioned
-from r2m.hf_models import find_body, pad_token_id_set, padding_tokenizer
+from r2m.distributed import rank_and_world
+from r2m.hf_models import pad_token_id_set
 from r2m.integrations.trl.anchor_set import AnchorSet, Pair
 from r2m.integrations.trl.checkpoints import find_checkpoint, given_checkpoint, r2m_checkpoint_dir
 from r2m.integrations.trl.labels import Labeller, OnPolicyLabels
+from r2m.integrations.trl.loading import RewardModelSource, load_reward
+from r2m.integrations.trl.metrics import METRICS, TrainerMetrics, metrics_doc
 from r2m.integrations.trl.policy_states import CAPTURE_SOURCES, PolicyStateSource, capture_plan
-from r2m.judge_model import R2MJudgeModel
 from r2m.monitor import group_state_similarity, pooled_response_states
-from r2m.reward_model import R2MRewardModel, find_score_head
+from r2m.packed import PackedStates
 from r2m.wrap import wrap
 
 logger = logging.getLogger(__name__)
 
-UPDATE_METRICS = ("loss", "bt", "gre", "groups_skipped", "groups_degenerate", "groups_labelled", "anchor_bt",
-                  "fused_scale", "update_ms")
+UPDATE_METRICS = {m.name for m in METRICS if m.when == "update"}
 
 
 @dataclass
@@ -81,15 +76,9 @@ class R2MReward(TrainerCallback):
     update); its text and counts go to TRL through ``judge.log``. A completion the judge gave no reward gets None,
     and its group is skipped in the update.
 
-    Logged through the trainer: ``r2m/reward_mean``, ``r2m/vanilla_reward_mean`` (the wrapped RM's or judge's
-    own score), ``r2m/omega`` (w(t)), ``r2m/extra_forward_share`` (share of samples whose hidden states needed an
-    extra policy forward), ``r2m/capture_ms`` (host time spent capturing policy states since the previous generation
-    batch: hooks, stitching, refresh and any extra forward), ``r2m/reward_nonfinite`` (rewards returned as None),
-    ``r2m/hidden_nonfinite`` (samples scored with the vanilla reward because their hidden states were not finite)
-    and, per update, ``r2m/loss``, ``r2m/bt``, ``r2m/gre``, ``r2m/groups_skipped``, ``r2m/groups_degenerate``,
-    ``r2m/update_ms`` and ``r2m/refreshed`` (share of samples whose states came from the training pass); and
-    ``r2m/state_similarity``, an over-optimisation monitor: the mean cosine similarity of the policy's (mean-pooled)
-    states of the responses within a group, averaged over groups (`r2m.monitor`).
+    Metrics: one table of names and meanings, `r2m.integrations.trl.metrics.METRICS` (listed at the end); they go
+    to the trainer's logs (``trainer.state.log_history``, W&B, TensorBoard): a reward call's through TRL's
+    ``log_metric``, an update's into the log of the step that ran it.
 
     ``monitor``: whether to log ``r2m/state_similarity``. None (default): in the modes that hold the policy's states
     anyway (all but ``vanilla`` and ``head_only``); True: in every mode (in ``vanilla`` and ``head_only`` the states
@@ -98,8 +87,7 @@ class R2MReward(TrainerCallback):
 
     ``labeller`` (modes ``anchored`` and ``head_only``): labels the first ``label_groups`` groups of every
     generation batch (all when None; see `OnPolicyLabels`), and the update adds a Bradley-Terry term on them
-    (``R2MConfig.anchor_weight``); logged as ``r2m/labelled_share``, ``r2m/label_ms``, ``r2m/groups_labelled`` and
-    ``r2m/anchor_bt``.
+    (``R2MConfig.anchor_weight``).
 
     ``anchor_pairs`` (modes ``anchored`` and ``head_only``; the cheaper alternative to a labeller, and either or both
     may be given): a small fixed set of (prompt, chosen, rejected) preference pairs, texts or conversations as the
@@ -108,53 +96,24 @@ class R2MReward(TrainerCallback):
     the policy's states of the 2P sequences (prompt ids as the trainer builds them, then the response's ids without
     special tokens and EOS) come from one no-grad forward through the trainer's model every ``anchor_every`` R2M
     updates, cached in between; ``head_only`` runs none. Each update adds ``R2MConfig.anchor_weight`` x their
-    Bradley-Terry loss (`r2m.AnchorBatch`). Logged as ``r2m/anchor_set_bt``, ``r2m/anchor_forwards`` (forwards so
-    far, also `anchor_forwards`; not in `extra_forwards` or ``r2m/capture_ms``) and ``r2m/anchor_ms``.
+    Bradley-Terry loss (`r2m.AnchorBatch`). Their forwards are counted in `anchor_forwards` (not in `extra_forwards`
+    or ``r2m/capture_ms``).
 
     After training, `r2m_model` is the trained R2M reward and `save_pretrained` writes it (reload it with
     ``r2m.R2MRewardModel.from_pretrained(reward_model, path)``).
     """
 
-    def __init__(self, reward_model: nn.Module | str | os.PathLike | GenerativeJudge,
+    def __init__(self, reward_model: RewardModelSource,
                  reward_tokenizer: PreTrainedTokenizerBase | None = None, config: R2MConfig | None = None,
                  name: str = "r2m", model_init_kwargs: dict[str, Any] | None = None,
                  labeller: Labeller | None = None, label_groups: int | None = None, monitor: bool | None = None,
                  anchor_pairs: Sequence[Pair] | None = None, anchor_every: int = 1):
         if monitor is not None and not isinstance(monitor, bool):
             raise TypeError(f"monitor must be True, False or None, got {monitor!r}")
-        self.judge: GenerativeJudge | None = None
-        self.r2m: R2MModule | None = None
-        if isinstance(reward_model, GenerativeJudge):
-            model = _judge_model(reward_model)
-            if reward_tokenizer is not None:
-                raise ValueError("reward_tokenizer is not used with a judge: the judge's backend has its own tokenizer")
-            self.judge = reward_model
-        elif isinstance(reward_model, R2MJudgeModel):
-            raise TypeError("R2MReward builds the R2MJudgeModel itself: pass the r2m.adapters judge (it writes the "
-                            "judge's prompts and reads its verdicts), not an R2MJudgeModel")
-        elif isinstance(reward_model, R2MRewardModel):
-            if config is not None and config != reward_model.config:
-                raise ValueError("config differs from the config of the given R2MRewardModel: pass one or the other")
-            self.r2m = reward_model
-            model = reward_model.reward_model
-            config = reward_model.config
-        elif isinstance(reward_model, (str, os.PathLike)):
-            model = _load_whole(reward_model, model_init_kwargs or {})
-        elif isinstance(reward_model, nn.Module):
-            model = reward_model
-        else:
-            raise TypeError(f"reward_model must be a Hugging Face *ForSequenceClassification model, a local path to "
-                            f"one, an r2m.R2MRewardModel or an r2m.adapters judge, got {type(reward_model).__name__}")
-        if self.judge is None:
-            find_score_head(model)
-        find_body(model)
-        if zero3_partitioned(model):
-            raise ValueError("the reward model's parameters are partitioned by DeepSpeed ZeRO-3 (it was built under "
-                             "deepspeed.zero.Init, e.g. loaded after a ZeRO-3 GRPOConfig/RLOOConfig was created); R2M "
-                             "needs it whole: build it before the trainer arguments, or pass its path to R2MReward")
-        if config is not None and not isinstance(config, R2MConfig):
-            raise TypeError(f"config must be an r2m.R2MConfig, got {type(config).__name__}")
-        self.config = config or R2MConfig()
+        loaded = load_reward(reward_model, reward_tokenizer, config, model_init_kwargs)
+        self.reward_model, self.tokenizer, self.judge = loaded.model, loaded.tokenizer, loaded.judge
+        self.r2m: R2MModule | None = loaded.r2m
+        self.config = loaded.config
         if self.config.mode == "anchored" and labeller is None and anchor_pairs is None:
             raise ValueError("mode 'anchored' learns from labels on the policy's own samples or on a fixed anchor set: "
                              "pass labeller= (a gold function, an r2m.adapters judge or a lookup of human labels) "
@@ -169,10 +128,7 @@ class R2MReward(TrainerCallback):
                              f"columns; use a judge without reference_column")
         self.anchors = None if anchor_pairs is None else AnchorSet(anchor_pairs, anchor_every, self.config.mode)
         self.monitor = self.config.uses_fusion if monitor is None else monitor
-        self.reward_model = model
-        self.tokenizer = None if self.judge is not None else _reward_tokenizer(reward_tokenizer, reward_model, model)
         self.__name__ = name
-        self.update_stats: list[dict[str, float]] = []
         self._source: PolicyStateSource | None = None  # set by the trainer, when the mode uses policy states
         self._ready = False
         self._policy: nn.Module | None = None
@@ -182,62 +138,42 @@ class R2MReward(TrainerCallback):
         self._micro_steps = 0
         self._calls = 0
         self._resume_dir: Path | None = None
-        self._log_metric: Callable[[str, float], None] | None = None
-        self._queued_metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics = TrainerMetrics()
 
     # ---- the reward function -----------------------------------------------------------------------------------
 
     def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
                  trainer_state: TrainerState | None = None, log_extra: Callable[[str, list], None] | None = None,
                  log_metric: Callable[[str, float], None] | None = None, **dataset_columns: Any) -> list[float | None]:
-        """R2M rewards for this process's samples; a reward that is not finite is returned as None."""
-        if not self._ready:
-            raise RuntimeError("R2MReward was called as a reward function before a trainer set it up: pass the same "
-                               "object in callbacks=[...] as well as in reward_funcs=[...]")
-        self._calls += 1
-        step = trainer_state.global_step if trainer_state is not None else 0
-        if self.r2m.total_steps is None:
-            self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
-        trainer = getattr(log_metric, "__self__", None)  # TRL passes its own bound method
+        """The annotation step (paper Algorithm 1): R2M rewards for this process's samples from the frozen reward
+        model and the policy's states of them; a reward that is not finite is returned as None."""
+        step = self._begin_call(trainer_state, log_metric)
         # the policy's states first: nothing the reward model or judge runs can then be mistaken for them
-        states, extra = (self._source.take(prompts, completion_ids, trainer) if self._source is not None
-                         else (None, 0))
-        capture_ms = 1000 * self._source.take_seconds() if self._source is not None else 0.0
+        states, extra, capture_ms = self._policy_states(prompts, completion_ids)
         rte, base_rewards = self._score(prompts, completions, log_extra, log_metric, dataset_columns)
         fused = states if self.config.uses_fusion else None  # without fusion, states serve the monitor only
-        hidden, cu_seqlens = _packed(fused)
-        rewards = self.r2m.reward_from_rte(rte, hidden, None, step, cu_seqlens=cu_seqlens, base_rewards=base_rewards)
+        rewards = self.r2m.score(rte, fused, step, base_rewards)  # w(t) r_base + (1 - w(t)) phi(Ĥ), Eq. 4
         vanilla = self.r2m.vanilla_reward_from_rte(rte, base_rewards)
         rewards, vanilla = torch.stack([rewards, vanilla.to(rewards.device)]).cpu()  # one transfer to the host
         finite = torch.isfinite(rewards)
-        training = self._policy.training
         labels = None
-        if training and self.labels is not None:
-            labels = self.labels(prompts, completions, completion_ids, self._group_size,
-                                 rank_and_world()[0], dataset_columns)
-        if training:
-            self._log_metric = log_metric
-            held = fused if fused is not None else CapturedStates.none_found(len(rewards))
+        if self._policy.training:  # kept for the update after the policy's last pass over this batch
+            labels = self._label(prompts, completions, completion_ids, dataset_columns)
+            held = fused if fused is not None else PackedStates.none_found(len(rewards))
             self._store.add(held, held.tokens, self._micro_steps + self._generate_every,
                             _Scored(rte, torch.where(finite, rewards, torch.nan), base_rewards, step, labels))
-        if log_metric is not None:
-            metrics = {"r2m/reward_mean": _mean(rewards[finite]),
-                       "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
-                       "r2m/omega": self.r2m.omega_at(step), "r2m/extra_forward_share": extra / len(rewards),
-                       "r2m/capture_ms": capture_ms,
-                       "r2m/reward_nonfinite": float((~finite).sum()),
-                       "r2m/hidden_nonfinite": float(fused.nonfinite_samples() if fused is not None else 0)}
-            if labels is not None:
-                metrics["r2m/labelled_share"] = float(torch.isfinite(labels).float().mean())
-                metrics["r2m/label_ms"], self.labels.seconds = 1000 * self.labels.seconds, 0.0
-            similarity = self._state_similarity(states, completion_ids, trainer)
-            if similarity is not None:
-                metrics["r2m/state_similarity"] = similarity
-            if training:
-                metrics.update({k: sum(v) / len(v) for k, v in self._queued_metrics.items()})
-                self._queued_metrics.clear()
-            for key, value in metrics.items():
-                log_metric(key, value)
+        metrics = {"r2m/reward_mean": _mean(rewards[finite]),
+                   "r2m/vanilla_reward_mean": _mean(vanilla[torch.isfinite(vanilla)]),
+                   "r2m/omega": self.r2m.omega_at(step), "r2m/extra_forward_share": extra / len(rewards),
+                   "r2m/capture_ms": capture_ms, "r2m/reward_nonfinite": float((~finite).sum()),
+                   "r2m/hidden_nonfinite": float(fused.nonfinite_samples() if fused is not None else 0)}
+        if labels is not None:
+            metrics["r2m/labelled_share"] = float(torch.isfinite(labels).float().mean())
+            metrics["r2m/label_ms"], self.labels.seconds = 1000 * self.labels.seconds, 0.0
+        similarity = self._state_similarity(states, completion_ids)
+        if similarity is not None:
+            metrics["r2m/state_similarity"] = similarity
+        self._metrics.log_call(metrics, log_metric)
         return [float(r) if ok else None for r, ok in zip(rewards.tolist(), finite.tolist(), strict=True)]
 
     @property
@@ -355,6 +291,33 @@ class R2MReward(TrainerCallback):
 
     # ---- internals -------------------------------------------------------------------------------------------
 
+    def _begin_call(self, trainer_state: TrainerState | None, log_metric: Callable[[str, float], None] | None) -> int:
+        """The policy step of this reward call (T set where still unknown)."""
+        if not self._ready:
+            raise RuntimeError("R2MReward was called as a reward function before a trainer set it up: pass the same "
+                               "object in callbacks=[...] as well as in reward_funcs=[...]")
+        self._calls += 1
+        self._metrics.bind(log_metric)
+        step = trainer_state.global_step if trainer_state is not None else 0
+        if self.r2m.total_steps is None:
+            self.r2m.total_steps = self.config.total_steps or max(1, step, getattr(trainer_state, "max_steps", 0))
+        return step
+
+    def _policy_states(self, prompts: list, completion_ids: list[list[int]]) -> tuple[PackedStates | None, int, float]:
+        """The policy's states of the batch (None when neither the mode nor the monitor uses them), how many samples
+        needed an extra forward, and the host ms spent capturing since the previous batch."""
+        if self._source is None:
+            return None, 0, 0.0
+        states, extra = self._source.take(prompts, completion_ids, self._metrics.trainer)
+        return states, extra, 1000 * self._source.take_seconds()
+
+    def _label(self, prompts: list, completions: list, completion_ids: list[list[int]],
+               columns: dict[str, Any]) -> Tensor | None:
+        """The labeller's scores of this process's samples (modes with a labeller), NaN where unlabelled."""
+        if self.labels is None:
+            return None
+        return self.labels(prompts, completions, completion_ids, self._group_size, rank_and_world()[0], columns)
+
     def _wrap(self, policy_dim: int, args: TrainingArguments) -> R2MModule:
         device = next(self.reward_model.parameters()).device
         if device.type == "cpu" and args.device.type != "cpu":
@@ -398,21 +361,20 @@ class R2MReward(TrainerCallback):
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
 
-    def _state_similarity(self, states: CapturedStates | None, completion_ids: list[list[int]],
-                          trainer: object) -> float | None:
+    def _state_similarity(self, states: PackedStates | None, completion_ids: list[list[int]]) -> float | None:
         """Mean over the batch's groups of how alike the policy's states of a group's responses are (`r2m.monitor`);
         None with the monitor off, without states or when the gathered batch is not whole groups."""
         if not self.monitor or states is None or states.hidden is None:
             return None
         pooled = pooled_response_states(states.hidden, states.cu_seqlens, [len(c) for c in completion_ids])
-        accelerator = getattr(trainer, "accelerator", None)
+        accelerator = getattr(self._metrics.trainer, "accelerator", None)
         if accelerator is not None:
             pooled = accelerator.gather(pooled.to(accelerator.device))
         if pooled.shape[0] % self._group_size:
             return None
         return float(group_state_similarity(pooled, self._group_size).mean())
 
-    def _refresh(self, captured: CapturedStates) -> None:
+    def _refresh(self, captured: PackedStates) -> None:
         """Replace annotation-time states by those of the policy's latest training pass over the same samples."""
         self._store.refresh(captured.tokens, captured)
 
@@ -422,56 +384,20 @@ class R2MReward(TrainerCallback):
             self._update(rollout)
 
     def _update(self, rollout: Rollout) -> None:
+        """The R2M update on a batch the policy has finished with (its states refreshed by the last pass)."""
         scored: _Scored = rollout.payload
-        hidden, cu_seqlens = _packed(rollout.states if self.config.uses_fusion else None)
         anchor, anchor_seconds = (None, 0.0) if self.anchors is None else self.anchors.batch(
-            self._source if self.config.uses_fusion else None, getattr(self._log_metric, "__self__", None),
-            self.r2m.policy_dim)
-        stats = self.r2m.update(scored.rte, hidden, None, scored.rewards, self._group_size, scored.step,
-                                cu_seqlens=cu_seqlens, base_rewards=scored.base_rewards, labels=scored.labels,
-                                anchor=anchor)
+            self._source if self.config.uses_fusion else None, self._metrics.trainer, self.r2m.policy_dim)
+        stats = self.r2m.update_states(scored.rte, rollout.states if self.config.uses_fusion else None,
+                                       scored.rewards, self._group_size, scored.step, base_rewards=scored.base_rewards,
+                                       labels=scored.labels, anchor=anchor)
         stats["refreshed"] = rollout.refreshed_share
-        self.update_stats.append(stats)
-        metrics = {f"r2m/{key}": float(stats[key]) for key in (*UPDATE_METRICS, "refreshed") if key in stats}
-        if anchor is not None:
-            metrics.update({"r2m/anchor_set_bt": float(stats["anchor_set_bt"]),
-                            "r2m/anchor_forwards": float(self.anchors.forwards),
-                            "r2m/anchor_ms": 1000 * anchor_seconds})
-        self._emit(metrics)
-
-    def _emit(self, metrics: dict[str, float]) -> None:
-        """Update metrics go into the metrics of the trainer that handed us ``log_metric``, for its coming log; a
-        trainer that keeps none gets them through ``log_metric`` with the next generation batch."""
-        store = getattr(getattr(self._log_metric, "__self__", None), "_metrics", None)
-        for key, value in metrics.items():
-            if isinstance(store, dict) and isinstance(store.get("train"), dict):
-                store["train"][key].append(value)
-            elif self._log_metric is not None:
-                self._queued_metrics[key].append(value)
-
-
-def _load_whole(path: str | os.PathLike, init_kwargs: dict[str, Any]) -> nn.Module:
-    """The reward model at ``path``, loaded whole even while a ZeRO-3 trainer config is live (transformers would
-    partition it under ``deepspeed.zero.Init``; R2M keeps the frozen RM unsharded beside the policy)."""
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = live() if live is not None else None
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, **init_kwargs)
-    finally:
-        if config is not None:
-            hf_deepspeed.set_hf_deepspeed_config(config)
-
-
-def _judge_model(judge: GenerativeJudge) -> nn.Module:
-    model = judge.judge_model
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"R2M needs the judge's hidden states (its last hidden state at the end of its input is the "
-                         f"reward-token embedding), which only a judge running a local model has; this "
-                         f"{type(judge).__name__} runs on {type(judge.backend).__name__}. Give the judge a "
-                         f"TransformersBackend, or pass the judge itself in reward_funcs=[...] as a plain reward "
-                         f"function")
-    return model
+        if anchor is None:
+            stats.pop("anchor_set_bt", None)
+        else:
+            stats.update(anchor_forwards=float(self.anchors.forwards), anchor_ms=1000 * anchor_seconds)
+        self._metrics.log_update({f"r2m/{key}": float(value) for key, value in stats.items()
+                                  if f"r2m/{key}" in UPDATE_METRICS})
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
@@ -479,27 +405,10 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
     return any(id(p) in ours for p in a.parameters())
 
 
-def _reward_tokenizer(tokenizer: PreTrainedTokenizerBase | None, source: object,
-                      model: nn.Module) -> PreTrainedTokenizerBase:
-    """The reward model's tokenizer, able to pad: a copy with the EOS token as padding when it has no pad token (the
-    user's tokenizer is not changed)."""
-    if tokenizer is None:
-        path = source if isinstance(source, (str, os.PathLike)) else getattr(model, "name_or_path", "")
-        if not path or not os.path.isdir(path):
-            raise ValueError("reward_tokenizer is required when the reward model is not given as a local path")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise TypeError(f"reward_tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    return padding_tokenizer(tokenizer, "reward_tokenizer")
-
-
-def _packed(states: CapturedStates | None) -> tuple[Tensor | None, Tensor | None]:
-    """Packed (hidden, cu_seqlens) for the core (None, None when no states are used)."""
-    return (None, None) if states is None else (states.hidden, states.cu_seqlens)
-
-
 def _mean(values: Tensor) -> float:
     return float(values.float().mean()) if values.numel() else math.nan
 
+
+R2MReward.__doc__ += metrics_doc()
 
 __all__ = ["CAPTURE_SOURCES", "R2MReward", "capture_plan"]

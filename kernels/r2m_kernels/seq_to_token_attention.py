@@ -196,9 +196,8 @@ def _target_programs(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
-def _split_plan(cu_seqlens: Tensor, batch: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
+def _split_plan(max_len: int, batch: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
     """(number of splits per sequence, tokens per split): enough programs to fill the device, none too short."""
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch else 0
     if num_splits is None:
         wanted = triton.cdiv(_target_programs(device), max(batch, 1))
         num_splits = max(1, min(wanted, max_len // _MIN_SPLIT_TOKENS))
@@ -206,7 +205,8 @@ def _split_plan(cu_seqlens: Tensor, batch: int, device: torch.device, num_splits
     return num_splits, split_len
 
 
-def _validate(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) -> None:
+def _validate(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None, max_seqlen: int | None) -> None:
+    """Types, shapes, dtypes and devices only: reading cu_seqlens' values would wait for the device."""
     for name, value in (("h", h), ("cu_seqlens", cu_seqlens), ("u", u)):
         if not isinstance(value, Tensor):
             raise TypeError(f"seq_to_token_attention: {name} must be a torch.Tensor, got {type(value).__name__}")
@@ -228,10 +228,8 @@ def _validate(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) 
     if h.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError(f"seq_to_token_attention: h is on {h.device}; the Triton kernel needs a CUDA device, or "
                            "TRITON_INTERPRET=1 set before triton is first imported (use impl='torch' on CPU)")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != h.shape[0] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"seq_to_token_attention: cu_seqlens must start at 0, never decrease and end at "
-                         f"total_tokens={h.shape[0]}, got {cu_seqlens.tolist()}")
     check_int("seq_to_token_attention: num_splits", num_splits, optional=True)
+    check_int("seq_to_token_attention: max_seqlen", max_seqlen, minimum=0, optional=True)
 
 
 def _forward(h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int, split_len: int) -> tuple[Tensor, Tensor]:
@@ -269,7 +267,8 @@ class SeqToTokenAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: differentiable in u only; the policy states h and cu_seqlens get no gradient."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, h: Tensor, cu_seqlens: Tensor, u: Tensor, num_splits: int | None,
+                max_seqlen: int | None) -> tuple[Tensor, Tensor]:
         h = h.detach()
         if h.stride(-1) != 1:
             h = h.contiguous()
@@ -277,26 +276,28 @@ class SeqToTokenAttentionFunction(torch.autograd.Function):
         batch = u.shape[0]
         if batch == 0:
             return u.new_zeros(u.shape), u.new_zeros(u.shape[:2])
-        splits, split_len = _split_plan(cu_seqlens, batch, h.device, num_splits)
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())
+        splits, split_len = _split_plan(max_seqlen, batch, h.device, num_splits)
         c, lse = _forward(h, cu_seqlens, u, splits, split_len)
         ctx.save_for_backward(h, cu_seqlens, u, c, lse)
         ctx.plan = (splits, split_len)
         return c, lse
 
     @staticmethod
-    def backward(ctx, dc: Tensor | None, dlse: Tensor | None) -> tuple[None, None, Tensor | None, None]:
+    def backward(ctx, dc: Tensor | None, dlse: Tensor | None) -> tuple[None, None, Tensor | None, None, None]:
         if not ctx.needs_input_grad[2] or not ctx.saved_tensors:
-            return None, None, None, None
+            return None, None, None, None, None
         h, cu_seqlens, u, c, lse = ctx.saved_tensors
         dc = torch.zeros_like(c) if dc is None else dc.float().contiguous()
         du = _backward(h, cu_seqlens, u, c, lse, dc, *ctx.plan)
         if dlse is not None:  # d lse_e / d u_e = sum_s p_s h_s = c_e
             du = du + dlse.float()[..., None] * c
-        return None, None, du, None
+        return None, None, du, None, None
 
 
-def seq_to_token_attention(h: Tensor, cu_seqlens: Tensor, u: Tensor, *,
-                           num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+def seq_to_token_attention(h: Tensor, cu_seqlens: Tensor, u: Tensor, *, num_splits: int | None = None,
+                           max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
     """Attend each sequence's packed policy states with its per-head query vectors u (`r2m.fusion.attend`).
 
     h [total_tokens, D_p] (bf16, fp16 or fp32), cu_seqlens [B + 1] int32, u [B, H, D_p] float32 (already scaled)
@@ -304,6 +305,11 @@ def seq_to_token_attention(h: Tensor, cu_seqlens: Tensor, u: Tensor, *,
     lse [B, H] float32, the log-sum-exp of those scores. A zero-length sequence gives c = 0, lse = -inf and zero
     gradient. Differentiable w.r.t. u only. ``num_splits`` fixes how many programs share one sequence
     (default: derived from the device and the lengths).
+
+    ``cu_seqlens`` must be well formed (start at 0, never decrease, end at total_tokens): check it once where the
+    layout is built (`r2m.packed.check_cu_seqlens`, which `r2m.packed.PackedStates` runs); the launcher reads no
+    value from the device to check it. ``max_seqlen`` (the longest sequence, known on the host where the layout is
+    built) spares the one read it would otherwise make to plan the splits.
     """
-    _validate(h, cu_seqlens, u, num_splits)
-    return SeqToTokenAttentionFunction.apply(h, cu_seqlens, u, num_splits)
+    _validate(h, cu_seqlens, u, num_splits, max_seqlen)
+    return SeqToTokenAttentionFunction.apply(h, cu_seqlens, u, num_splits, max_seqlen)

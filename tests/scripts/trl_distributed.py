@@ -16,8 +16,8 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import r2m
-from r2m.capture import CapturedStates
 from r2m.integrations.trl import R2MReward
+from r2m.packed import PackedStates
 
 PER_DEVICE, GROUP = 6, 4  # rank 0 holds samples 0-5 of each 12-sample batch: group 1 straddles the ranks
 
@@ -46,7 +46,7 @@ def lose_first_capture_on_rank0(reward: R2MReward) -> None:
         states = pop(completions)
         if dist.get_rank() == 0 and not lost:
             lost.append(len(completions))
-            return CapturedStates.none_found(len(completions))
+            return PackedStates.none_found(len(completions))
         return states
 
     capture.pop_generation = pop_generation
@@ -68,10 +68,11 @@ def main(out: Path, mode: str) -> None:
     state = {f"fusion.{k}": v for k, v in reward.r2m.fusion.state_dict().items()}
     state.update({f"head.{k}": v for k, v in reward.r2m.head.state_dict().items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
-    summary = {"world_size": world, "checks": check.checks, "updates": len(reward.update_stats),
-               "groups_used": [s["groups_used"] for s in reward.update_stats], "capture": reward.capture_counts,
+    updates = trl_tiny.updates(trainer)
+    summary = {"world_size": world, "checks": check.checks, "updates": len(updates),
+               "groups_used": [u["groups_used"] for u in updates], "capture": reward.capture_counts,
                "extra_forwards": reward.extra_forwards, "per_device": PER_DEVICE, "group": GROUP,
-               "policy_forwards": counter.count, "refreshed": [s["refreshed"] for s in reward.update_stats]}
+               "policy_forwards": counter.count, "refreshed": [u["refreshed"] for u in updates]}
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
 
 

@@ -153,8 +153,8 @@ def main() -> None:
     from trl import GRPOTrainer
 
     import r2m
-    from r2m.capture import CapturedStates
     from r2m.integrations.trl import R2MReward
+    from r2m.packed import PackedStates
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if opts.global_batch % world:
@@ -237,7 +237,7 @@ def main() -> None:
             states = pop(completions)
             if dist.get_rank() == 0 and not lost:
                 lost.append(len(completions))
-                return CapturedStates.none_found(len(completions))
+                return PackedStates.none_found(len(completions))
             return states
 
         setattr(capture, name, lose_first_on_rank0)
@@ -265,8 +265,8 @@ def main() -> None:
     if reward is not None:
         summary.update({
             "plan": reward.capture_plan, "capture": reward.capture_counts, "extra_forwards": reward.extra_forwards,
-            "updates": len(reward.update_stats), "refreshed": [s["refreshed"] for s in reward.update_stats],
-            "groups_used": [s.get("groups_used") for s in reward.update_stats],
+            "updates": len(trl_tiny.updates(trainer)), "refreshed": [u["refreshed"] for u in trl_tiny.updates(trainer)],
+            "groups_used": [u.get("groups_used") for u in trl_tiny.updates(trainer)],
         })
         state = {f"fusion.{k}": v for k, v in reward.r2m.fusion.state_dict().items()}
         state.update({f"head.{k}": v for k, v in reward.r2m.head.state_dict().items()})

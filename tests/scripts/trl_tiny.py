@@ -49,6 +49,14 @@ def args(kind: str, output_dir: str, **overrides) -> GRPOConfig | RLOOConfig:
     return (GRPOConfig if kind == "grpo" else RLOOConfig)(**values)
 
 
+def updates(trainer, after_step: int = 0) -> list[dict[str, float]]:
+    """The R2M updates in the trainer's logs, oldest first, ``r2m/`` stripped from the names: R2M logs an update's
+    metrics into the log of the step that ran it (at most one update per step in these set-ups). ``after_step``:
+    only later steps (a resumed run's log history starts with the checkpoint's)."""
+    return [{key[4:]: value for key, value in entry.items() if key.startswith("r2m/")}
+            for entry in trainer.state.log_history if "r2m/loss" in entry and entry["step"] > after_step]
+
+
 class ForwardCounter:
     """Counts the policy's forward passes outside generation (no KV cache): log-prob, reference, training, extra."""
 
