@@ -87,3 +87,22 @@ def test_update_size_is_the_relative_change_of_the_weights(run):
     for step, logged in updates.items():
         expected = float((after[step] - before[step]).norm() / before[step].norm())
         assert expected > 0 and logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_call_metrics_go_through_log_metric_and_update_metrics_need_the_trainer_store(caplog):
+    class Trainer:
+        def __init__(self):
+            self.logged = []
+
+        def log_metric(self, name, value):
+            self.logged.append((name, value))
+
+    trainer, metrics = Trainer(), TrainerMetrics()
+    metrics.bind(trainer.log_metric)
+    metrics.log_call({"r2m/omega": 0.5}, trainer.log_metric)
+    assert metrics.trainer is trainer and trainer.logged == [("r2m/omega", 0.5)]
+    with caplog.at_level("WARNING"):
+        metrics.log_update({"r2m/loss": 1.0})
+        metrics.log_update({"r2m/loss": 2.0})
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "keeps no `_metrics['train']`" in caplog.records[0].message

@@ -279,14 +279,3 @@ def test_states_stitched_during_generate_equal_a_full_forward(tmp_path, monkeypa
         for i, sequence in enumerate(states.tokens):
             expected = body(input_ids=torch.tensor([sequence])).last_hidden_state[0, :-1]
             torch.testing.assert_close(states.sample(i), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_update_metrics_without_a_trainer_metric_store_go_out_with_the_next_batch():
-    _, _, reward_model, reward_tokenizer = trl_tiny.models_()
-    reward = R2MReward(reward_model, reward_tokenizer)
-    reward._emit({"r2m/loss": 1.0})  # no log_metric seen yet: nowhere to log, nothing kept
-    assert not reward._queued_metrics
-    reward._log_metric = lambda name, value: None
-    reward._emit({"r2m/loss": 1.0})
-    reward._emit({"r2m/loss": 3.0})
-    assert reward._queued_metrics == {"r2m/loss": [1.0, 3.0]}
