@@ -22,11 +22,16 @@ TINY_LAB = ["--steps", "4", "--groups", "2", "--generations", "4", "--rm-pairs",
 
 
 @pytest.mark.slow
-def test_lab(tmp_path):
+def test_lab(tmp_path, capsys):
     variants = "vanilla,r2m,frozen:fusion_init=random,anchored:label_groups=1,oracle,mix=0.5,unbiased"
     assert lab.main(["--variants", variants, "--seeds", "2", "--first-seed", "1", "--premise-pairs", "60",
                      "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *TINY_LAB]) == 0
     payload = outputs(tmp_path, "lab")
+    # every stage shows its progress: proxy RMs, policy pretraining, each run
+    shown = capsys.readouterr().err
+    for stage in ("lab runs", "proxy RM, seed 1", "unbiased RM, seed 2", "policy SFT, seed 1", "GRPO, vanilla, seed 1",
+                  "GRPO, oracle, seed 2", "GRPO, r2m, seed 2"):
+        assert stage in shown, stage
     rows = {r["variant"]: r for r in payload["summary"]}
     assert list(rows) == variants.split(",") and rows["r2m"]["seeds"] == 2
     runs = payload["runs"]

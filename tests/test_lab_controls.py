@@ -168,3 +168,14 @@ def test_pretraining_and_proxy_training_show_progress(world, capsys):
     assert "policy SFT, seed 0" in err and "4/4" in err  # 64 examples / 32, 2 epochs
     world.train_proxy()
     assert capsys.readouterr().err == ""
+
+
+def test_pretraining_data_can_carry_the_spurious_word(world):
+    prompts = world.prompts(200, seed=4)
+    assert world.good_responses(prompts, 1, seed=0, spurious_share=0.0) == world.good_responses(prompts, 1, seed=0)
+    marked = world.good_responses(prompts, 1, seed=0, spurious_share=1.0)
+    assert all(r.split().count("w0") == 1 for r in marked)
+    share = world.spurious_share(world.good_responses(prompts, 1, seed=0, spurious_share=0.3))
+    assert 0.2 < share < 0.4
+    with pytest.raises(ValueError, match="spurious_share must be in"):
+        PretrainConfig(spurious_share=-0.1)

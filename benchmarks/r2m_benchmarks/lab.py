@@ -55,8 +55,9 @@ from r2m.reward_model import R2MRewardModel
 VARIANTS = ("vanilla", "r2m", "r2m:fused_scale=base_spread", "r2m:r2m_lr=1e-3",
             "r2m:r2m_lr=1e-3:fused_scale=base_spread", "anchored:label_groups=2", "head_only:label_groups=2",
             "anchored:anchor_pairs=64", "head_only:anchor_pairs=64")
-QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,r2m"}
-DEFAULTS = {"seeds": 10, "steps": 300, "variants": ",".join(VARIANTS)}
+# `r2m demo`: the lab's world, one seed, 150 steps, no premise check (within 3 minutes on 2 cores)
+QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,r2m", "premise_pairs": 0}
+DEFAULTS = {"seeds": 10, "steps": 300, "variants": ",".join(VARIANTS), "premise_pairs": 2000}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
 PAIRED_METRICS = ("rank_gap", "gold_at_kl", "gold_auc_kl", "gold_end", "kl_end", "gold_peak")
 GAP_METRICS = ("rank_gap", "gold_at_kl", "gold_end")  # shown as shares of the vanilla-to-oracle gap
@@ -320,6 +321,9 @@ def run_metrics(curve: list[dict], budget: float | None,
                                        default=None),
                "rank_gap": _mean_of(curve, "rank_gap"), "update_size": _mean_of(curve, update),
                **{key: _mean_of(curve, key) for key in ("update_head", "update_fusion", "label_ms", "anchor_bt")}}
+    labelled = [r["anchor_bt"] for r in curve if r.get("anchor_bt") is not None]
+    if labelled:  # the BT loss on the labelled pairs in the first and the last window that has labels
+        metrics["anchor_bt_start"], metrics["anchor_bt_end"] = labelled[0], labelled[-1]
     kl_curve = [r for r in curve if r.get("kl") is not None]
     top = _max_kl(kl_curve)
     if budget is not None and kl_curve and top >= budget:
@@ -577,6 +581,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-epochs", type=int, default=run.sft.epochs, help="epochs of the pretraining stage")
     p.add_argument("--sft-best-of", type=int, default=run.sft.best_of,
                    help="each pretraining response is the best by gold of this many data responses (1: plain data)")
+    p.add_argument("--sft-spurious-share", type=float, default=run.sft.spurious_share,
+                   help="share of the pretraining responses that carry the spurious word once (0: none, so the policy "
+                        "starts unable to find the exploit the proxy's bias pays for)")
     p.add_argument("--cache-dir", default="out/lab-cache", help="where initial policies are kept")
     p.add_argument("--spurious-word", default="w0")
     p.add_argument("--spurious-penalty", type=float, default=1.0)
@@ -585,6 +592,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="gold-labelled pairs the proxy RM is trained on")
     p.add_argument("--rm-bias", type=float, default=world.rm_bias,
                    help="how often the better response of a training pair carries the spurious word")
+    p.add_argument("--rm-epochs", type=int, default=world.rm_epochs, help="epochs of the proxy RM's training")
     p.add_argument("--rm-repeat-share", type=float, default=world.rm_repeat_share,
                    help="share of the proxy RM's training responses that repeat one or two words throughout")
 
@@ -592,12 +600,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def world_and_run(options: argparse.Namespace, seed: int) -> tuple[LabWorld, LabRunConfig]:
     world = LabWorld(LabConfig(seed=seed, spurious_word=options.spurious_word,
                                spurious_penalty=options.spurious_penalty, rm_pairs=options.rm_pairs,
-                               rm_bias=options.rm_bias, rm_repeat_share=options.rm_repeat_share))
+                               rm_bias=options.rm_bias, rm_repeat_share=options.rm_repeat_share,
+                               rm_epochs=options.rm_epochs))
     run = LabRunConfig(steps=options.steps, seed=seed, groups=options.groups, generations=options.generations,
                        temperature=options.temperature, policy_lr=options.policy_lr, beta=options.beta,
                        pretrain=not options.random_init, r2m_lr=options.r2m_lr, alpha=options.alpha,
                        sft=PretrainConfig(examples=options.sft_examples, epochs=options.sft_epochs,
-                                         best_of=options.sft_best_of),
+                                         best_of=options.sft_best_of, spurious_share=options.sft_spurious_share),
                        update_steps=options.update_steps, omega_min=options.omega_min,
                        num_iterations=options.num_iterations)
     return world, run
@@ -611,10 +620,13 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds first-seed .. first-seed + seeds - 1 (choose settings on 0-9, report them on 10-19)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the lab's tiny models run no faster on more, and several "
+                        "threads per process slow to a crawl when other processes share the cores)")
     p.add_argument("--kl-points", default=",".join(f"{x:g}" for x in KL_POINTS),
                    help="comma-separated KL values at which gold is compared (paired where both runs reach them)")
-    p.add_argument("--premise-pairs", type=int, default=2000,
-                   help="unbiased gold pairs of the premise check (0: no premise check)")
+    p.add_argument("--premise-pairs", type=int,
+                   help=f"unbiased gold pairs of the premise check (0: none; default {DEFAULTS['premise_pairs']})")
     add_run_options(p)
     return p
 
@@ -639,6 +651,17 @@ def main(argv: list[str] | None = None, prog: str = "r2m bench lab", out: str = 
             raise SystemExit(f"{prog}: --{name} must be >= 1, got {getattr(options, name)}")
     if options.first_seed < 0:
         raise SystemExit(f"{prog}: --first-seed must be >= 0, got {options.first_seed}")
+    if options.threads < 1:
+        raise SystemExit(f"{prog}: --threads must be >= 1, got {options.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _run_lab(options, variants, kl_points)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_lab(options: argparse.Namespace, variants: list[Variant], kl_points: tuple[float, ...]) -> int:
     seeds = range(options.first_seed, options.first_seed + options.seeds)
     runs: dict[str, dict[int, dict]] = {v.label: {} for v in variants}
     controls = {v.label: v.mode for v in variants if v.is_control}

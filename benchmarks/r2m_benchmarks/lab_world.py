@@ -69,15 +69,20 @@ class PretrainConfig:
     """Supervised fine-tuning that makes the lab's policy a pretrained one: each training response is the best, by
     gold reward, of ``best_of`` data-distribution responses to its prompt (rejection-sampling SFT; 1, the default:
     plain data-distribution responses, so that the policy starts where the proxy still ranks its samples better
-    than chance and gold can first rise)."""
+    than chance and gold can first rise). ``spurious_share``: the share of training responses that carry the
+    spurious word once (0: none, and a policy that never emits it cannot find the exploit the proxy's bias pays for).
+    """
 
     examples: int = 8192
     best_of: int = 1
+    spurious_share: float = 0.0
     epochs: int = 5
     batch_size: int = 64
     lr: float = 3e-3
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.spurious_share <= 1.0:
+            raise ValueError(f"PretrainConfig.spurious_share must be in [0, 1], got {self.spurious_share!r}")
         for name in ("examples", "best_of", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -150,11 +155,13 @@ class LabWorld:
                 pairs.append((prompt, chosen, rejected))
         return pairs
 
-    def good_responses(self, prompts: list[str], best_of: int, seed: int) -> list[str]:
-        """Per prompt the best, by gold reward, of ``best_of`` data-distribution responses (none has the spurious
+    def good_responses(self, prompts: list[str], best_of: int, seed: int, spurious_share: float = 0.0) -> list[str]:
+        """Per prompt the best, by gold reward, of ``best_of`` data-distribution responses, each carrying the spurious
+        word with probability ``spurious_share`` (0, the default: none has the spurious
         word)."""
         rng = random.Random(seed)
-        return [max((self.sample_response(p, rng, spurious=False) for _ in range(best_of)),
+        return [max((self.sample_response(p, rng, spurious=bool(spurious_share) and rng.random() < spurious_share)
+                     for _ in range(best_of)),
                     key=lambda r, p=p: self.gold_reward(p, r)) for p in prompts]
 
     def spurious_share(self, responses: list[str]) -> float:
@@ -181,7 +188,8 @@ class LabWorld:
         loss on the response tokens only); returns the mean loss per epoch. ``progress``: a progress bar of that
         title over the batches."""
         prompts = self.prompts(config.examples, seed=20_000 + seed)
-        ids, attention, response = self.encode_responses(prompts, self.good_responses(prompts, config.best_of, seed))
+        ids, attention, response = self.encode_responses(prompts, self.good_responses(prompts, config.best_of, seed,
+                                                                                config.spurious_share))
         labels = ids.masked_fill(~response, -100)
         optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
         generator = torch.Generator().manual_seed(seed)

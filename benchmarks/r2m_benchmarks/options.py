@@ -7,7 +7,7 @@ import argparse
 
 def add_quick(parser: argparse.ArgumentParser, quick: dict[str, object]) -> None:
     """Add ``--quick``; the options named in ``quick`` must default to None (see `resolve_defaults`)."""
-    values = ", ".join(f"--{name} {value}" for name, value in quick.items())
+    values = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in quick.items())
     parser.add_argument("--quick", action="store_true", help=f"defaults of {values} (flags given still apply)")
 
 
