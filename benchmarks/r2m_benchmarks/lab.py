@@ -621,8 +621,8 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds first-seed .. first-seed + seeds - 1 (choose settings on 0-9, report them on 10-19)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the lab's tiny models run no faster on more, and several "
-                        "threads per process slow to a crawl when other processes share the cores)")
+                   help="torch CPU threads (default 1: on a shared 2-core machine two threads per process trained the "
+                        "proxy RM 50x slower under load than one)")
     p.add_argument("--kl-points", default=",".join(f"{x:g}" for x in KL_POINTS),
                    help="comma-separated KL values at which gold is compared (paired where both runs reach them)")
     p.add_argument("--premise-pairs", type=int,
