@@ -669,7 +669,7 @@ def _run_lab(options: argparse.Namespace, variants: list[Variant], kl_points: tu
     cache = Path(options.cache_dir)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(seeds) * len(variants), desc="lab runs") as progress:
-        for seed in seeds:
+        for done, seed in enumerate(seeds, 1):
             world, run = world_and_run(options, seed)
             progress.set_postfix(stage="proxy RM", seed=seed)
             proxy = world.train_proxy(progress=f"proxy RM, seed {seed}")
@@ -684,9 +684,24 @@ def _run_lab(options: argparse.Namespace, variants: list[Variant], kl_points: tu
                 progress.set_postfix(variant=variant.label, seed=seed)
                 runs[variant.label][seed] = run_once(variant, run, world, proxy, cache, Path(tmp), unbiased).record
                 progress.update()
+            if done < len(seeds):  # the seeds so far, so that a long run can be read (or stopped) before it ends
+                report(options, variants, kl_points, runs, premise, controls, start, partial=True)
+    written = report(options, variants, kl_points, runs, premise, controls, start)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def report(options: argparse.Namespace, variants: list[Variant], kl_points: tuple[float, ...],
+           runs: dict[str, dict[int, dict]], premise: dict[int, dict], controls: dict[str, str], start: float,
+           partial: bool = False) -> list[Path]:
+    """Summarise the seeds run so far and write ``lab.json`` (``complete`` false while seeds remain), ``lab.md``
+    and the plots; returns the paths written (the table is printed once the run is complete)."""
+    seeds = sorted(next(iter(runs.values())))
     rows, budget = summarise(runs, controls=controls, kl_points=kl_points)
     text = tables(rows, premise, budget, kl_points)
-    result = write_results(options.out, "lab", {"args": vars(options), "seeds": list(seeds),
+    if partial:
+        text = f"PARTIAL: seeds {seeds} of {options.seeds} done\n\n" + text
+    result = write_results(options.out, "lab", {"args": vars(options), "seeds": seeds, "complete": not partial,
                                                 "wall_seconds": time.perf_counter() - start, "summary": rows,
                                                 "kl_budget": budget, "controls": controls, "premise": premise,
                                                 "runs": runs}, text)
@@ -694,9 +709,9 @@ def _run_lab(options: argparse.Namespace, variants: list[Variant], kl_points: tu
     written = [result / "lab.json", result / "lab.md", result / "lab.png"]
     if plot_label_budget(rows, variants, result / "label_budget.png"):
         written.append(result / "label_budget.png")
-    print(text)
-    print(f"wrote {', '.join(map(str, written))}")
-    return 0
+    if not partial:
+        print(text)
+    return written
 
 
 def demo(argv: list[str] | None = None) -> int:
