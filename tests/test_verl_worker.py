@@ -1,6 +1,6 @@
 """R2M on verl's real FSDP2 actor worker (one rank, CPU test platform): states from compute_log_prob equal a plain
 Hugging Face forward in verl's packed and padded layouts, scoring equals the core's reward_from_rte, update_actor's
-training passes refresh every sample, and the R2M update equals the core's."""
+training passes refresh every sample, the R2M update equals the core's, and no NaN reaches rm_scores."""
 
 from __future__ import annotations
 
@@ -42,3 +42,6 @@ def test_worker_captures_scores_refreshes_and_updates(tmp_path: Path, layout: st
     assert result["metrics"]["r2m/groups_used"] == 3
     assert result["metrics"]["r2m/refreshed_share"] == 1.0
     assert result["store_after_update"] == 0
+    assert result["nan_state_gets_vanilla"] and result["nan_state_others_finite"]
+    assert result["poisoned_rewards_finite"]
+    assert result["poisoned_counted"][0] == 1.0 and sum(result["poisoned_counted"]) == 1.0

@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
+from verl.utils.device import get_device_name
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from r2m.base import R2MModule
@@ -79,6 +80,9 @@ class R2MActorRolloutRefWorker(ActorRolloutRefWorker):
         # A reference pass through the actor (LoRA adapters disabled) is not the policy: it is not kept.
         reference = tu.get(data, key="no_lora_adapter", default=False)
         self.capture.active = self.r2m is not None and not reference
+        if self.capture.active:  # a new batch: what an earlier one left (no update ran on it) is dropped
+            self.store.clear()
+            self._rte.clear()
         try:
             return super().compute_log_prob(data)
         finally:
@@ -89,8 +93,7 @@ class R2MActorRolloutRefWorker(ActorRolloutRefWorker):
         """Load the reward model whole and frozen on this rank and wrap it; fusion and head start as rank 0's."""
         r2m_config = R2MConfig(**config)
         reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model_path, dtype=torch.float32)
-        device = self.actor.engine.module.device if hasattr(self.actor.engine.module, "device") else "cpu"
-        reward_model = reward_model.to(device)
+        reward_model = reward_model.to(get_device_name())
         self.reward_tokenizer = padding_tokenizer(AutoTokenizer.from_pretrained(reward_model_path), "reward tokenizer")
         self.policy_tokenizer = AutoTokenizer.from_pretrained(self.config.model.get("tokenizer_path")
                                                               or self.config.model.path)

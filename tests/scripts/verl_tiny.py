@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from r2m.benchmarks import tiny_models as tiny
 
@@ -26,12 +26,14 @@ def use_cpu_platform() -> None:
         sys.path.insert(0, str(TESTS))
 
 
-def save_models(directory: str | Path, policy_hidden: int = 32, rm_hidden: int = 24, seed: int = 0
-                ) -> tuple[str, str]:
-    """A tiny Llama policy and a tiny Llama reward model (each with its word-level tokenizer) saved under
-    ``directory``; returns their paths."""
+def save_models(directory: str | Path, policy_hidden: int = 32, rm_hidden: int = 24, seed: int = 0,
+                chat_template: bool = False) -> tuple[str, str]:
+    """A tiny Llama policy and a tiny Llama reward model (each with its word-level tokenizer; ``chat_template``: one
+    that joins the messages' contents, for verl's dataset) saved under ``directory``; returns their paths."""
     directory = Path(directory)
     tokenizer = tiny.build_tokenizer(VOCAB_WORDS)
+    if chat_template:
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     torch.manual_seed(seed)
     policy = tiny.build_policy(tokenizer, "llama", hidden_size=policy_hidden)
     reward_model = tiny.build_reward_model(tiny.build_tokenizer(VOCAB_WORDS), "llama", hidden_size=rm_hidden)
@@ -43,25 +45,26 @@ def save_models(directory: str | Path, policy_hidden: int = 32, rm_hidden: int =
     return paths[0], paths[1]
 
 
+# verl's ppo_trainer settings for a tiny CPU run: FSDP2 actor without offload, sdpa attention, micro-batches of 2 (so
+# a log-prob pass runs in several chunks), GRPO with 4 responses per prompt.
+CPU_OVERRIDES = ["+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+                 "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
+                 "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                 "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+                 "actor_rollout_ref.actor.fsdp_config.param_offload=false",
+                 "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
+                 "actor_rollout_ref.actor.use_kl_loss=false", "algorithm.use_kl_in_reward=false",
+                 "actor_rollout_ref.rollout.n=4", "algorithm.adv_estimator=grpo", "trainer.device=cpu"]
+
+
 def verl_config(policy_path: str, overrides: list[str] = ()) -> DictConfig:
-    """verl's ppo_trainer config for a tiny CPU run: FSDP2 actor without offload, sdpa attention, micro-batches
-    of 2 (so a log-prob pass runs in several chunks), GRPO with 4 responses per prompt."""
+    """verl's own ppo_trainer config with `CPU_OVERRIDES` and the policy at ``policy_path``."""
     import verl.trainer.config as verl_config_package
 
-    base = [f"actor_rollout_ref.model.path={policy_path}",
-            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-            "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.actor.fsdp_config.param_offload=false",
-            "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
-            "actor_rollout_ref.actor.use_kl_loss=false", "algorithm.use_kl_in_reward=false",
-            "actor_rollout_ref.rollout.n=4", "algorithm.adv_estimator=grpo", "trainer.device=cpu"]
+    base = [f"actor_rollout_ref.model.path={policy_path}", *CPU_OVERRIDES]
     with initialize_config_dir(config_dir=os.path.dirname(verl_config_package.__file__), version_base=None):
-        config = compose(config_name="ppo_trainer", overrides=[*base, *overrides])
-    with open_dict(config):
-        config.actor_rollout_ref.actor.engine = config.actor_rollout_ref.actor.get("engine", {})
-    return config
+        return compose(config_name="ppo_trainer", overrides=[*base, *overrides])
 
 
 def rollouts(prompts: int, group_size: int, seed: int = 0) -> list[dict]:

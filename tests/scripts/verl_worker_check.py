@@ -100,6 +100,21 @@ def main(out_dir: str, layout: str) -> dict:
     result["update_moved"] = max(float((after[k] - before[k]).abs().max()) for k in after)
     result["metrics"] = metrics
     result["store_after_update"] = len(worker.store.pending)
+
+    # 5. non-finite inputs: a sample with a NaN state gets the reward model's own reward; where that is not finite
+    # either (a poisoned head), the worker hands out 0 and counts it: no NaN reaches verl's rm_scores
+    worker.compute_log_prob(vt.batch(samples, calculate_entropy=True, compute_loss=False, temperature=1.0))
+    rollout = next(r for r in worker.store.pending if keys[0] in r.keys)
+    rollout.states.sample(rollout.keys[keys[0]][0]).fill_(float("nan"))
+    clean = worker.r2m_score(vt.batch(samples, r2m_step=1))
+    vanilla = worker.r2m.vanilla_reward_from_rte(torch.stack([worker._rte[k] for k in keys]))
+    result["nan_state_gets_vanilla"] = abs(float(clean["r2m_rewards"][0]) - float(vanilla[0])) <= 1e-6
+    result["nan_state_others_finite"] = bool(torch.isfinite(clean["r2m_rewards"]).all())
+    with torch.no_grad():
+        worker.r2m.original_head.weight.fill_(float("nan"))
+    poisoned = worker.r2m_score(vt.batch(samples, r2m_step=1))
+    result["poisoned_rewards_finite"] = bool(torch.isfinite(poisoned["r2m_rewards"]).all())
+    result["poisoned_counted"] = poisoned["r2m_nonfinite"].tolist()
     return result
 
 
