@@ -74,6 +74,7 @@ def test_lab(tmp_path, capsys):
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()) == ["init", "init", "sft", "sft"]
     text = (tmp_path / "lab.md").read_text()
     assert "Premise check" in text and "Share of the vanilla-to-oracle gap" in text and "d_gold@kl=" in text
+    assert "label_bt_proxy_start" in text and "anchor_bt_start" in rows["anchored:label_groups=1"]
 
 
 def test_lab_refuses_bad_arguments(tmp_path):

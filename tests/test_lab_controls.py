@@ -2,6 +2,7 @@
 KL, share of the vanilla-to-oracle gap), sweeps and the progress of every stage; checked against values computed by
 hand from made-up curves, not against the code's own output."""
 
+import math
 import statistics
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from r2m.benchmarks.lab import KL_POINTS, Variant, parse_variants, run_metrics, summarise
-from r2m.benchmarks.lab_grpo import LabRunConfig, Recorder, control_reward, repeat_share
+from r2m.benchmarks.lab_grpo import LabRunConfig, Recorder, control_reward, labelled_pair_bt, repeat_share
 from r2m.benchmarks.lab_world import LabConfig, LabWorld, PretrainConfig
 from r2m.benchmarks.tiny_models import build_policy
 
@@ -179,3 +180,14 @@ def test_pretraining_data_can_carry_the_spurious_word(world):
     assert 0.2 < share < 0.4
     with pytest.raises(ValueError, match="spurious_share must be in"):
         PretrainConfig(spurious_share=-0.1)
+
+
+def test_labelled_pair_bt_by_hand():
+    """Group 0 is labelled (best sample 2, worst 0), group 1 is not (label_groups=1)."""
+    gold = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.2, 0.1]], dtype=torch.float64)
+    proxy = torch.tensor([[2.0, 0.0, 1.0], [5.0, 0.0, -5.0]], dtype=torch.float64)
+    trained = torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    found = labelled_pair_bt(proxy, trained, gold, label_groups=1)
+    assert found["label_bt_proxy"] == pytest.approx(math.log1p(math.exp(1.0)))  # s_w - s_l = 1 - 2
+    assert found["label_bt_trained"] == pytest.approx(math.log1p(math.exp(-3.0)))
+    assert labelled_pair_bt(proxy, trained, torch.zeros(2, 3, dtype=torch.float64), label_groups=2) == {}

@@ -321,9 +321,10 @@ def run_metrics(curve: list[dict], budget: float | None,
                                        default=None),
                "rank_gap": _mean_of(curve, "rank_gap"), "update_size": _mean_of(curve, update),
                **{key: _mean_of(curve, key) for key in ("update_head", "update_fusion", "label_ms", "anchor_bt")}}
-    labelled = [r["anchor_bt"] for r in curve if r.get("anchor_bt") is not None]
-    if labelled:  # the BT loss on the labelled pairs in the first and the last window that has labels
-        metrics["anchor_bt_start"], metrics["anchor_bt_end"] = labelled[0], labelled[-1]
+    for key in ("anchor_bt", "label_bt_proxy", "label_bt_trained"):
+        labelled = [r[key] for r in curve if r.get(key) is not None]
+        if labelled:  # the BT loss on the labelled pairs in the first and the last window that has labels
+            metrics[f"{key}_start"], metrics[f"{key}_end"] = labelled[0], labelled[-1]
     kl_curve = [r for r in curve if r.get("kl") is not None]
     top = _max_kl(kl_curve)
     if budget is not None and kl_curve and top >= budget:
@@ -456,6 +457,16 @@ def tables(rows: list[dict], premise: dict[int, dict], budget: float | None,
     if fixed:
         text += ("\nGold at fixed KL values, paired difference to vanilla over the seeds where both runs reach the "
                  "value (n: such seeds), mean [95% t-interval]\n\n" + markdown_table(fixed, list(fixed[0])))
+    labels = [{"variant": r["variant"],
+               **{f"{key}_{end}": format_interval(r.get(f"{key}_{end}")) for key in ("anchor_bt", "label_bt_proxy",
+                                                                                    "label_bt_trained")
+                  for end in ("start", "end")}}
+              for r in rows if r.get("anchor_bt_start") or r.get("label_bt_proxy_start")]
+    if labels:
+        text += ("\nBradley-Terry loss on the labelled pairs (each labelled group's highest- against its lowest-gold "
+                 "sample) in the first and the last window: anchor_bt, of the fused reward the update trains "
+                 "(w(t) proxy + (1 - w(t)) trained); label_bt_proxy, of the frozen proxy alone; label_bt_trained, of "
+                 "the reward the policy was trained on, at scoring time\n\n" + markdown_table(labels, list(labels[0])))
     text += monitor_table(rows)
     text += (f"\nMatched-KL budget K* = {'none (no KL logged)' if budget is None else f'{budget:.4g}'} (the smallest "
              "largest KL of the runs that are not controls)\n")

@@ -166,8 +166,9 @@ class Recorder:
     records, per step, what the policy was trained on beside the proxy RM's own scores and the gold reward (which
     trains no policy but the oracle's)."""
 
-    def __init__(self, reward, world: LabWorld, proxy: torch.nn.Module, group_size: int):
+    def __init__(self, reward, world: LabWorld, proxy: torch.nn.Module, group_size: int, label_groups: int = 0):
         self.reward, self.world, self.proxy, self.group_size = reward, world, proxy, group_size
+        self.label_groups = label_groups
         self.__name__ = reward.__name__
         self.rows: dict[int, dict[str, float]] = {}
 
@@ -189,7 +190,26 @@ class Recorder:
             "repeat": repeat_share(completions),
             "onpolicy_acc_trained": accuracy["trained"], "onpolicy_acc_proxy": accuracy["proxy"],
             "rank_gap": accuracy["trained"] - accuracy["proxy"]}
+        if self.label_groups:
+            self.rows[step].update(labelled_pair_bt(grouped[1], grouped[0], grouped[2], self.label_groups))
         return rewards
+
+
+def labelled_pair_bt(proxy: torch.Tensor, trained: torch.Tensor, gold: torch.Tensor,
+                     label_groups: int) -> dict[str, float]:
+    """The labelled pairs of a batch as R2M's ``anchored`` update forms them (in each of the first ``label_groups``
+    groups [G, K], its highest- and lowest-gold sample; a group of equal gold has none) and their Bradley-Terry loss
+    -log sigmoid(s_w - s_l) under the frozen proxy alone (``label_bt_proxy``) and under the reward the policy was
+    trained on (``label_bt_trained``, scored before this batch's update). The update's own ``anchor_bt`` is the loss
+    of the fused reward w(t) proxy + (1 - w(t)) trained, so the two show which part moves it."""
+    rows = torch.arange(min(label_groups, gold.shape[0]))
+    best, worst = gold[rows].argmax(1), gold[rows].argmin(1)
+    keep = gold[rows, best] > gold[rows, worst]
+    if not bool(keep.any()):
+        return {}
+    rows, best, worst = rows[keep], best[keep], worst[keep]
+    return {f"label_bt_{name}": float(torch.nn.functional.softplus(-(x[rows, best] - x[rows, worst])).mean())
+            for name, x in (("proxy", proxy), ("trained", trained))}
 
 
 def repeat_share(responses: list[str]) -> float:
@@ -268,7 +288,7 @@ def train_variant(mode: str, cfg: LabRunConfig, world: LabWorld, proxy: torch.nn
         r2m_mode = "vanilla" if mode == "unbiased" else mode
         reward = R2MReward(proxy if reward_model is None else reward_model, world.tokenizer, name="proxy",
                            config=cfg.r2m_config(r2m_mode), monitor=True, **labels)
-        recorder = Recorder(reward, world, proxy, cfg.generations)
+        recorder = Recorder(reward, world, proxy, cfg.generations, cfg.label_groups)
         update_size = UpdateSize(reward)
         callbacks += [reward, update_size]
     callbacks.append(Progress(f"GRPO, {label}, seed {cfg.seed}", recorder))
