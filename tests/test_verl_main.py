@@ -5,6 +5,7 @@ states are refused, each naming its setting."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,13 @@ def test_cli_refuses_before_ray_starts(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "algorithm.filter_groups.enable=True" in proc.stderr
     assert "ray init kwargs" not in proc.stdout
+
+
+def test_ray_processes_get_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "my_plugin")
+    config = composed(*VALID, "+ray_kwargs.ray_init.runtime_env.env_vars.USER_VAR=1")
+    main_ppo.with_plugin(config)
+    env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env_vars.VERL_USE_EXTERNAL_MODULES == "my_plugin,r2m.integrations.verl.trainer"
+    assert env_vars.USER_VAR == 1
+    assert os.environ["VERL_USE_EXTERNAL_MODULES"] == "my_plugin,r2m.integrations.verl.trainer"
