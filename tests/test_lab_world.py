@@ -50,3 +50,12 @@ def test_config_validation():
         LabConfig(rm_bias=2)
     with pytest.raises(ValueError, match="spurious_word 'x9' is not in the vocabulary"):
         LabWorld(LabConfig(spurious_word="x9"))
+
+
+@pytest.mark.parametrize("module", ["r2m.lab", "r2m.tiny", "r2m.integrations.trl.lab_grpo"])
+def test_the_lab_is_not_library_api(module):
+    """The lab and the tiny test models are benchmark code (r2m.benchmarks.*), not part of the library."""
+    import importlib
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(module)
