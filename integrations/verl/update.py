@@ -21,7 +21,7 @@ from torch import Tensor
 from r2m import fusion
 from r2m.base import R2MModule
 from r2m.distributed import rank_and_world
-from r2m.packed import PackedStates
+from r2m.packed import PackedStates, finite_samples
 
 
 def group_major(group_ids: Sequence[str], group_size: int) -> list[int] | None:
@@ -82,9 +82,8 @@ class _ScatteredContext:
     def __init__(self, local: PackedStates, held: list[int], total: int, mine: slice, impl: str):
         self.local, self.held, self.total, self.mine = local, torch.tensor(held, dtype=torch.long), total, mine
         self.impl = "torch" if impl == "naive" else impl
-        hidden = local.hidden
-        finite = torch.ones(len(held), dtype=torch.bool) if hidden is None else torch.tensor(
-            [bool(torch.isfinite(local.sample(i)).all()) for i in range(len(held))], dtype=torch.bool)
+        finite = torch.ones(len(held), dtype=torch.bool) if local.hidden is None else \
+            finite_samples(local.hidden, local.cu_seqlens)[1].cpu()
         self.ok = _scatter_sum(finite.float(), self.held, total)[mine] > 0.5
 
     def __call__(self, u: Tensor) -> tuple[Tensor, Tensor]:

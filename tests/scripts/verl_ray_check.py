@@ -41,6 +41,13 @@ class ProbeWorker(R2MActorRolloutRefWorker):
         return {"keys": keys, "states": [states.sample(i).clone() for i in range(len(keys))] if keys else [],
                 "refreshed": [self.store.is_refreshed(k) for k in keys], "rte": {k: v for k, v in self._rte.items()}}
 
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def poison(self, key: tuple) -> None:
+        """Set the kept states of sample ``key`` to NaN, on the rank that holds it."""
+        for rollout in self.store.pending:
+            for row in rollout.keys.get(key, []):
+                rollout.states.sample(row).fill_(float("nan"))
+
 
 def main(out_dir: str) -> dict:
     policy_path, reward_path = vt.save_models(out_dir)
@@ -112,7 +119,18 @@ def run(group: RayWorkerGroup, policy_path: str, reward_path: str) -> dict:
                                for n in reference_after)
     result["ranks_identical"] = all(torch.equal(after[0][n], after[1][n]) for n in after[0])
     result["update_moved"] = max(float((after[0][n] - weights[0][n]).abs().max()) for n in after[0])
-    result["metrics"] = [m["metrics"] for m in metrics] if isinstance(metrics, list) else metrics["metrics"]
+    result["metrics"] = metrics["metrics"]
+
+    # a NaN state on one rank: its group is skipped on both ranks, the rest still trains, weights stay finite and equal
+    group.compute_log_prob(vt.batch(samples, calculate_entropy=True, compute_loss=False, temperature=1.0))
+    group.r2m_score(vt.batch(samples, r2m_step=3))
+    group.poison(keys[-1])  # the last sample of the batch: rank 1
+    skipped = group.r2m_update(vt.batch(trained, r2m_step=3, r2m_group_size=GROUP))["metrics"]
+    final = group.r2m_weights()
+    result["nan_metrics"] = skipped
+    result["nan_ranks_identical"] = all(torch.equal(final[0][n], final[1][n]) for n in final[0])
+    result["nan_weights_finite"] = all(bool(torch.isfinite(v).all()) for v in final[0].values())
+    result["nan_update_moved"] = max(float((final[0][n] - after[0][n]).abs().max()) for n in final[0])
     return result
 
 
