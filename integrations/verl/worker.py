@@ -9,7 +9,8 @@ each rank gets back the samples whose states it holds:
   where their states live, so no policy state crosses ranks; the cost is one copy of the reward model's weights per
   rank, as verl's colocated reward model has); fusion and head start from rank 0's weights;
 - ``r2m_score``: the R2M reward of each sample (the reward model reads prompt + response decoded from the policy's
-  token ids and tokenised with its own tokenizer); a reward that is not finite is replaced by 0 and counted;
+  token ids and tokenised with its own tokenizer, in chunks of the log-prob micro-batch size); a reward that is
+  not finite is replaced by 0 and counted;
 - ``r2m_update``: one GREBT step after the actor update, groups by ``uid`` across ranks (`grouped_update`);
 - ``r2m_save`` / ``r2m_load``: the R2M state next to verl's actor checkpoint.
 """
@@ -112,16 +113,25 @@ class R2MActorRolloutRefWorker(ActorRolloutRefWorker):
         step = int(tu.get(data, key="r2m_step"))
         keys = sample_keys(data)
         states = self.store.lookup(keys)
-        texts = self.policy_tokenizer.batch_decode([list(k) for k in keys], skip_special_tokens=True)
-        encoded = self.reward_tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
-                                        add_special_tokens=False)
-        with pad_token_id_set(self.r2m.reward_model, self.reward_tokenizer.pad_token_id):
-            rte = self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]).float()
+        rte = self._reward_token_embeddings(keys)
         rewards = self.r2m.reward_from_rte(rte, states.hidden, None, step, cu_seqlens=states.cu_seqlens).cpu()
         self._rte.update({key: row for key, row in zip(keys, rte.cpu(), strict=True)})
         finite = torch.isfinite(rewards)
         return TensorDict({"r2m_rewards": torch.where(finite, rewards, torch.zeros_like(rewards)),
                            "r2m_nonfinite": (~finite).float()}, batch_size=len(keys))
+
+    def _reward_token_embeddings(self, keys: list[TokenKey]) -> Tensor:
+        """RTEs [B, D_rm] (float32) of the samples, in reward-model forwards of the actor's log-prob micro-batch
+        size: the reward model reads prompt + response decoded from the policy's ids, tokenised its own way."""
+        texts = self.policy_tokenizer.batch_decode([list(k) for k in keys], skip_special_tokens=True)
+        chunk = self.config.rollout.get("log_prob_micro_batch_size_per_gpu") or len(texts)
+        parts = []
+        with pad_token_id_set(self.r2m.reward_model, self.reward_tokenizer.pad_token_id):
+            for start in range(0, len(texts), chunk):
+                encoded = self.reward_tokenizer(text=texts[start:start + chunk], return_tensors="pt", padding=True,
+                                                padding_side="right", add_special_tokens=False)
+                parts.append(self.r2m.rte(encoded["input_ids"], encoded["attention_mask"]).float())
+        return torch.cat(parts)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def r2m_update(self, data: TensorDict) -> TensorDict:
