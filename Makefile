@@ -27,8 +27,8 @@ demo: install
 test: install-openrlhf install-verl
 	$(PYTHON) -m pytest
 
-# The contributor's loop, after one `make test` (or `make install-openrlhf`) has installed everything: all but the
-# multi-process and multi-step training tests.
+# The contributor's loop, once `make test` has installed everything: all but the multi-process and multi-step
+# training tests.
 test-fast:
 	$(PYTHON) -m pytest -m "not slow and not distributed"
 
