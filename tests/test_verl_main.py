@@ -59,6 +59,7 @@ def test_r2m_block_becomes_r2m_config() -> None:
     (["trainer.use_v1=false"], "trainer.use_v1=False"),
     (["r2m.reward_model_path=null"], "r2m.reward_model_path"),
     (["r2m.omega_min=1.5"], "omega_min"),
+    (["r2m.mode=noise", "trainer.n_gpus_per_node=2"], "r2m.mode=noise"),
 ])
 def test_refused_settings_name_themselves(overrides: list[str], named: str) -> None:
     config = composed(*VALID, *overrides)

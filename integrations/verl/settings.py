@@ -57,4 +57,7 @@ def check_settings(config: DictConfig) -> None:
         raise ValueError("algorithm.filter_groups.enable=True: group filtering keeps or drops groups by their reward "
                          "at sampling time, before R2M can score them (R2M rewards exist only after the policy's "
                          "log-prob pass)")
-    r2m_config(config)
+    if r2m_config(config).mode == "noise" and select("trainer.n_gpus_per_node", 1) * select("trainer.nnodes", 1) > 1:
+        raise ValueError("r2m.mode=noise with more than one actor rank (trainer.n_gpus_per_node x trainer.nnodes > 1): "
+                         "the noise is matched to each sample's own states, which verl spreads over ranks within a "
+                         "group; run the noise ablation on one rank")
