@@ -35,7 +35,8 @@ def test_lab(tmp_path, capsys):
     rows = {r["variant"]: r for r in payload["summary"]}
     assert list(rows) == variants.split(",") and rows["r2m"]["seeds"] == 2
     runs = payload["runs"]
-    assert payload["seeds"] == [1, 2] and payload["complete"] and set(runs["r2m"]) == {"1", "2"} and set(payload["premise"]) == {"1", "2"}
+    assert payload["seeds"] == [1, 2] and payload["complete"]
+    assert set(runs["r2m"]) == {"1", "2"} and set(payload["premise"]) == {"1", "2"}
     assert payload["controls"] == {"oracle": "oracle", "mix=0.5": "mix", "unbiased": "unbiased"}
     for label in ("r2m", "frozen:fusion_init=random"):
         paired = rows[label]["vs_vanilla"]["gold_end"]
