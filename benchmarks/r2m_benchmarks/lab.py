@@ -461,7 +461,7 @@ def tables(rows: list[dict], premise: dict[int, dict], budget: float | None,
                **{f"{key}_{end}": format_interval(r.get(f"{key}_{end}")) for key in ("anchor_bt", "label_bt_proxy",
                                                                                     "label_bt_trained")
                   for end in ("start", "end")}}
-              for r in rows if r.get("anchor_bt_start") or r.get("label_bt_proxy_start")]
+              for r in rows if r.get("label_bt_proxy_start")]  # the runs with on-policy labels
     if labels:
         text += ("\nBradley-Terry loss on the labelled pairs (each labelled group's highest- against its lowest-gold "
                  "sample) in the first and the last window: anchor_bt, of the fused reward the update trains "
