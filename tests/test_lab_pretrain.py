@@ -51,5 +51,5 @@ def test_pretrained_policy_beats_the_random_init_on_gold_and_is_cached(world, tm
 
 
 def test_pretrain_config_validation():
-    with pytest.raises(ValueError, match="PretrainConfig.best_of must be >= 1"):
+    with pytest.raises(ValueError, match="PretrainConfig.best_of must be an int >= 1"):
         PretrainConfig(best_of=0)

@@ -36,6 +36,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from r2m.benchmarks import tiny_models
 from r2m.benchmarks.lab_world import LabWorld, PretrainConfig, ranking_agreement
+from r2m.checks import check_int
 from r2m.config import R2MConfig
 from r2m.integrations.trl.reward import R2MReward
 
@@ -87,20 +88,13 @@ class LabRunConfig:
     bins: int = 30
 
     def __post_init__(self) -> None:
-        if self.label_groups < 0:
-            raise ValueError(f"LabRunConfig.label_groups must be >= 0, got {self.label_groups!r}")
-        if self.anchor_pairs < 0:
-            raise ValueError(f"LabRunConfig.anchor_pairs must be >= 0, got {self.anchor_pairs!r}")
-        if self.anchor_every < 1:
-            raise ValueError(f"LabRunConfig.anchor_every must be >= 1, got {self.anchor_every!r}")
-        for name in ("steps", "groups", "update_steps", "bins", "policy_hidden_size", "num_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LabRunConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("label_groups", "anchor_pairs"):
+            check_int(f"LabRunConfig.{name}", getattr(self, name), minimum=0)
+        for name in ("anchor_every", "steps", "groups", "update_steps", "bins", "policy_hidden_size", "num_iterations"):
+            check_int(f"LabRunConfig.{name}", getattr(self, name))
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"LabRunConfig.mix must be in [0, 1], got {self.mix!r}")
-        if self.generations < 2:
-            raise ValueError(f"LabRunConfig.generations must be >= 2 (R2M pairs within a group), got "
-                             f"{self.generations!r}")
+        check_int("LabRunConfig.generations", self.generations, minimum=2, hint=" (R2M pairs within a group)")
 
     def r2m_config(self, mode: str) -> R2MConfig:
         return R2MConfig(mode=mode, lr=self.r2m_lr, alpha=self.alpha, update_steps=self.update_steps,

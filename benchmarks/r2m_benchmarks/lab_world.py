@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from r2m.benchmarks import tiny_models
+from r2m.checks import check_int
 from r2m.losses import bt_loss
 
 
@@ -60,8 +61,7 @@ class LabConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"LabConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("response_words", "rm_pairs", "rm_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LabConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+            check_int(f"LabConfig.{name}", getattr(self, name))
 
 
 @dataclass
@@ -84,8 +84,7 @@ class PretrainConfig:
         if not 0.0 <= self.spurious_share <= 1.0:
             raise ValueError(f"PretrainConfig.spurious_share must be in [0, 1], got {self.spurious_share!r}")
         for name in ("examples", "best_of", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+            check_int(f"PretrainConfig.{name}", getattr(self, name))
 
 
 class LabWorld:

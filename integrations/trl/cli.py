@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -137,8 +137,8 @@ def parse_arguments(kind: str, args: list[str]):
     return script, r2m_args, training_args, model_args, r2m_config
 
 
-def architectures(flag: str, path: str | None) -> list[str] | None:
-    """The model classes a local checkpoint names (None for a PEFT adapter), or a `UsageError` naming ``flag``."""
+def local_config(flag: str, path: str | None) -> PretrainedConfig | None:
+    """The config of a local checkpoint (None for a PEFT adapter), or a `UsageError` naming ``flag``."""
     if path is None:
         raise UsageError(f"{flag} (a local directory) is required")
     folder = Path(path)
@@ -148,7 +148,11 @@ def architectures(flag: str, path: str | None) -> list[str] | None:
         return None
     if not (folder / "config.json").is_file():
         raise UsageError(f"{flag} {path!r} holds no config.json (expected a directory written by save_pretrained)")
-    config = AutoConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(folder)
+
+
+def architectures(config: PretrainedConfig) -> list[str]:
+    """The model classes a config names (a config without them: the causal LM of its model type)."""
     return list(config.architectures or []) or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")]
 
 
@@ -159,27 +163,28 @@ def require_tokenizer(flag: str, path: str, hint: str) -> None:
 
 def check_models(script: R2MScriptArguments, model_args: ModelConfig) -> None:
     """Refuse, before anything is loaded, a policy or reward model that is missing or of the wrong kind."""
-    policy = architectures("--model_name_or_path", model_args.model_name_or_path)
-    if policy is not None and not set(policy) & CAUSAL_LMS:
-        found = "a reward model" if set(policy) & SEQUENCE_CLASSIFIERS else "a model"
-        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path!r} holds {found} ({', '.join(policy)});"
-                         " expected a causal LM policy (*ForCausalLM)")
-    if policy is not None:
+    policy_config = local_config("--model_name_or_path", model_args.model_name_or_path)
+    if policy_config is not None:
+        policy = architectures(policy_config)
+        if not set(policy) & CAUSAL_LMS:
+            found = "a reward model" if set(policy) & SEQUENCE_CLASSIFIERS else "a model"
+            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path!r} holds {found} "
+                             f"({', '.join(policy)}); expected a causal LM policy (*ForCausalLM)")
         require_tokenizer("--model_name_or_path", model_args.model_name_or_path, "")
-    reward = architectures("--reward_model_path", script.reward_model_path)
-    if reward is None or not set(reward) & SEQUENCE_CLASSIFIERS:
+    reward_config = local_config("--reward_model_path", script.reward_model_path)
+    reward = architectures(reward_config) if reward_config is not None else []
+    if not set(reward) & SEQUENCE_CLASSIFIERS:
         raise UsageError(f"--reward_model_path {script.reward_model_path!r} holds "
                          f"{', '.join(reward) if reward else 'a PEFT adapter'}; expected a *ForSequenceClassification "
                          "reward model with num_labels=1")
-    labels = AutoConfig.from_pretrained(script.reward_model_path).num_labels
-    if labels != 1:
-        raise UsageError(f"--reward_model_path {script.reward_model_path!r} has num_labels={labels}; a reward model "
-                         "scores with one logit (num_labels=1)")
+    if reward_config.num_labels != 1:
+        raise UsageError(f"--reward_model_path {script.reward_model_path!r} has num_labels="
+                         f"{reward_config.num_labels}; a reward model scores with one logit (num_labels=1)")
     if script.reward_tokenizer_path is None:
         require_tokenizer("--reward_model_path", script.reward_model_path, "; pass --reward_tokenizer_path")
+    elif not Path(script.reward_tokenizer_path).is_dir():
+        raise UsageError(f"--reward_tokenizer_path {script.reward_tokenizer_path!r} does not exist")
     else:
-        if not Path(script.reward_tokenizer_path).is_dir():
-            raise UsageError(f"--reward_tokenizer_path {script.reward_tokenizer_path!r} does not exist")
         require_tokenizer("--reward_tokenizer_path", script.reward_tokenizer_path, "")
 
 
