@@ -144,7 +144,9 @@ def test_lab_run_config_checks_the_anchor_set_fields():
     from r2m.benchmarks.lab_grpo import LabRunConfig
 
     assert LabRunConfig(anchor_pairs=64, anchor_every=4).anchor_pairs == 64
-    with pytest.raises(ValueError, match="anchor_pairs must be >= 0"):
+    with pytest.raises(ValueError, match=r"LabRunConfig.anchor_pairs must be an int >= 0, got -1"):
         LabRunConfig(anchor_pairs=-1)
-    with pytest.raises(ValueError, match="anchor_every must be >= 1"):
+    with pytest.raises(ValueError, match=r"LabRunConfig.anchor_pairs must be an int >= 0, got 1.5"):
+        LabRunConfig(anchor_pairs=1.5)
+    with pytest.raises(ValueError, match=r"LabRunConfig.anchor_every must be an int >= 1, got 0"):
         LabRunConfig(anchor_every=0)
