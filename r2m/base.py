@@ -19,7 +19,7 @@ from r2m.checks import check_int
 from r2m.config import LABELLED_MODES, R2MConfig
 from r2m.distributed import all_gather, rank_and_world
 from r2m.fusion import SequenceToTokenAttention
-from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, select_pairs
+from r2m.losses import bt_loss, degenerate_groups, gre_loss, grebt_loss, labelled_bt_loss, select_pairs
 from r2m.packed import PackedStates, finite_samples
 from r2m.schedule import omega
 
@@ -153,16 +153,18 @@ class R2MModule(nn.Module):
         over the fusion and head weights (0 when nothing trained).
 
         ``labels`` (modes ``anchored`` and ``head_only``): a labeller's score per sample [B], NaN where unlabelled.
-        A group whose samples all have a label gets a labelled pair (its highest- and lowest-labelled sample), and
-        ``anchor_weight`` x the mean Bradley-Terry loss of the fused rewards over those pairs joins GREBT
-        (``groups_labelled``, ``anchor_bt``).
+        A group whose samples all have a label gets labelled pairs (``label_pairs``: its highest- and lowest-labelled
+        sample, or every pair whose labels differ), and ``anchor_weight`` x the mean Bradley-Terry loss over those
+        groups joins GREBT (``groups_labelled``, ``anchor_bt``), of the fused rewards or, with
+        ``label_term="trained"``, of the trained term head(Ĥ) alone; with ``labels_replace_pseudo`` a labelled group
+        has no pseudo-label pair.
 
         ``anchor`` (modes ``anchored`` and ``head_only``): a fixed anchor set of preference pairs (`r2m.AnchorBatch`:
         their RTEs and, in ``anchored``, the current policy's states of them). ``anchor_weight`` x the mean
-        Bradley-Terry loss of their R2M rewards (the same w(t) and fusion) joins the loss in each of ``update_steps``
-        (``anchor_set_bt``), even when no group is usable. Under torch.distributed every rank passes the same anchor
-        set; rank 0 alone back-propagates the term, so the summed gradient counts it once. ``labels`` and ``anchor``
-        may be given together.
+        Bradley-Terry loss of their R2M rewards (the same w(t) and fusion; head(Ĥ) alone with
+        ``label_term="trained"``) joins the loss in each of ``update_steps`` (``anchor_set_bt``), even when no group
+        is usable. Under torch.distributed every rank passes the same anchor set; rank 0 alone back-propagates the
+        term, so the summed gradient counts it once. ``labels`` and ``anchor`` may be given together.
         """
         start = time.perf_counter()
         device = self.head.weight.device
@@ -188,31 +190,43 @@ class R2MModule(nn.Module):
                                                     all_gather(trained.detach(), world).view(groups, group_size),
                                                     group_ok)
         stats["fused_scale"] = self.fused_scale_factor
-        fused = self._mix(base, trained, w)
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
         winner, loser, has_pair = select_pairs(annotation[group_ok])
-        label_w, label_l, labelled = self._labelled_pairs(labels, rewards.shape[0], group_ok, group_size, world)
+        label_scores = self._gathered_labels(labels, rewards.shape[0], group_ok, group_size, world)
+        labelled = torch.zeros_like(has_pair)
+        if label_scores is not None:
+            labelled = labelled_bt_loss(annotation[group_ok], label_scores)[1]
+        if self.config.labels_replace_pseudo:
+            has_pair = has_pair & ~labelled
+        on_trained = self.config.label_term == "trained"
         stats["anchor_bt"] = stats["anchor_set_bt"] = 0.0
         used, degenerate = int(group_ok.sum()), 0
         for inner in range(self.config.update_steps if used or anchor_set is not None else 0):
             if inner:
-                fused, _ = self._rewards(rte, states, step, base_rewards, with_grad=True)
+                base, trained, _ = self._reward_parts(rte, states, base_rewards, with_grad=True)
+            fused = self._mix(base, trained, w)
             gathered = all_gather(fused.detach(), world).requires_grad_(True)
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
+            # the labelled pairs' term, on the fused reward or (label_term="trained") on head(Ĥ) alone
+            gathered_trained = all_gather(trained.detach(), world).requires_grad_(True) if on_trained else None
             if bool(labelled.any()):
-                anchor = bt_loss(group_rewards.gather(1, label_w[:, None]),
-                                 group_rewards.gather(1, label_l[:, None]))[labelled].mean()
-                loss = loss + self.config.anchor_weight * anchor
-                stats["anchor_bt"] = float(anchor.detach())
+                scored = gathered_trained.view(groups, group_size)[group_ok] if on_trained else group_rewards
+                anchor = labelled_bt_loss(scored, label_scores, self.config.label_pairs)[0][labelled]
+                loss = loss + self.config.anchor_weight * anchor.mean()
+                stats["anchor_bt"] = float(anchor.detach().mean())
             self.optimizer.zero_grad(set_to_none=False)
             if anchor_set is not None:  # the same set on every rank: only rank 0's copy carries a gradient
                 set_bt = self._anchor_set_bt(anchor_set, step, with_grad=rank == 0)
                 if set_bt is not None:
                     loss = loss + self.config.anchor_weight * set_bt
                     stats["anchor_set_bt"] = float(set_bt.detach())
-            loss.backward()  # into gathered.grad (and, for the anchor set, into fusion and head)
-            fused.backward(gathered.grad.view(world, -1)[rank])
+            loss.backward()  # into the gathered rewards' .grad (and, for the anchor set, into fusion and head)
+            outputs, grads = [fused], [gathered.grad.view(world, -1)[rank]]
+            if gathered_trained is not None and gathered_trained.grad is not None:
+                outputs.append(trained)
+                grads.append(gathered_trained.grad.view(world, -1)[rank])
+            torch.autograd.backward(outputs, grads)
             self._step(world)
             with torch.no_grad():
                 bt = bt_loss(group_rewards.gather(1, winner[:, None]), group_rewards.gather(1, loser[:, None]))
@@ -261,7 +275,10 @@ class R2MModule(nn.Module):
 
     def _anchor_set_bt(self, anchor: AnchorBatch, step: int, with_grad: bool) -> Tensor | None:
         """Mean Bradley-Terry loss of the R2M rewards over the anchor set's usable pairs (None if none is)."""
-        rewards, usable = self._rewards(anchor.rte, anchor.states, step, anchor.base_rewards, with_grad=with_grad)
+        if self.config.label_term == "trained":
+            _, rewards, usable = self._reward_parts(anchor.rte, anchor.states, anchor.base_rewards, with_grad)
+        else:
+            rewards, usable = self._rewards(anchor.rte, anchor.states, step, anchor.base_rewards, with_grad=with_grad)
         pairs = anchor.pairs
         ok = usable & torch.isfinite(rewards.detach())
         ok = ok[:pairs] & ok[pairs:]
@@ -269,23 +286,18 @@ class R2MModule(nn.Module):
             return None
         return bt_loss(rewards[:pairs][ok], rewards[pairs:][ok]).mean()
 
-    def _labelled_pairs(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
-                        world: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(winner, loser, has a labelled pair) per usable group, from the labeller's scores (gathered)."""
-        device = group_ok.device
-        used = int(group_ok.sum())
+    def _gathered_labels(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
+                         world: int) -> Tensor | None:
+        """The labeller's scores of the usable groups [used, K] (gathered from every rank), or None without labels."""
         if labels is None:
-            none = torch.zeros(used, dtype=torch.long, device=device)
-            return none, none, torch.zeros(used, dtype=torch.bool, device=device)
+            return None
         if self.config.mode not in LABELLED_MODES:
             raise ValueError(f"labels are used in modes {LABELLED_MODES} (R2MConfig.mode), not {self.config.mode!r}")
         labels = torch.as_tensor(labels, dtype=torch.float32)
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape [batch={batch}] (a score per sample, NaN where unlabelled), "
                              f"got {tuple(labels.shape)}")
-        scores = all_gather(labels.to(device), world).view(-1, group_size)[group_ok]
-        winner, loser, has_pair = select_pairs(scores)
-        return winner, loser, has_pair
+        return all_gather(labels.to(group_ok.device), world).view(-1, group_size)[group_ok]
 
     def _step(self, world: int) -> None:
         params = self.trainable_parameters()

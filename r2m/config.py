@@ -17,6 +17,8 @@ MODES = ("r2m", "vanilla", "frozen", "noise", "head_only", "no_bt", "no_gre", "a
 IMPLS = ("auto", "naive", "torch", "triton")
 FUSION_INITS = ("zero", "random")
 FUSED_SCALES = ("none", "base_spread")
+LABEL_TERMS = ("fused", "trained")
+LABEL_PAIRS = ("extremes", "all")
 # Modes whose update takes preference labels on the policy's own samples: the anchored method, and its control (the
 # RM's head trained on the same labels with no policy feedback).
 LABELLED_MODES = ("anchored", "head_only")
@@ -64,6 +66,19 @@ class R2MConfig:
     anchor_weight: float = field(default=1.0, metadata={
         "help": "Weight of the Bradley-Terry term on labelled pairs of the policy's own samples, added to GREBT in "
                 "modes anchored and head_only when labels are given."})
+    label_term: str = field(default="fused", metadata={
+        "help": "Which reward the Bradley-Terry term on labelled pairs (labels and the anchor set, modes anchored and "
+                "head_only) is taken on: fused (w(t) r_base + (1 - w(t)) head(Ĥ), the reward the policy is trained "
+                "on) or trained (head(Ĥ) alone, so that the frozen base reward's share cannot mask what the trained "
+                "term learns).", "choices": LABEL_TERMS})
+    label_pairs: str = field(default="extremes", metadata={
+        "help": "Which pairs of a fully labelled group the Bradley-Terry term on labels takes: extremes (its highest- "
+                "against its lowest-labelled sample) or all (every pair whose labels differ, averaged per group).",
+        "choices": LABEL_PAIRS})
+    labels_replace_pseudo: bool = field(default=False, metadata={
+        "help": "In a group with a labelled pair, drop GREBT's pseudo-label pair (its highest- and lowest-rewarded "
+                "sample under the reward the policy was trained on), so that the label is not fought by the "
+                "ranking it corrects; the group keeps its GRE term."})
     fusion_init: str = field(default="zero", metadata={
         "help": "Initial attention output projection: zero (an untrained R2M scores exactly like the RM) or random "
                 "(default nn.Linear init, as the paper's untrained R2M, which differs from its RM).",
@@ -104,6 +119,12 @@ class R2MConfig:
         if isinstance(self.anchor_weight, bool) or not isinstance(self.anchor_weight, (int, float)) or \
                 not math.isfinite(self.anchor_weight) or self.anchor_weight < 0:
             raise ValueError(f"R2MConfig.anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
+        if self.label_term not in LABEL_TERMS:
+            raise ValueError(f"R2MConfig.label_term must be one of {LABEL_TERMS}, got {self.label_term!r}")
+        if self.label_pairs not in LABEL_PAIRS:
+            raise ValueError(f"R2MConfig.label_pairs must be one of {LABEL_PAIRS}, got {self.label_pairs!r}")
+        if not isinstance(self.labels_replace_pseudo, bool):
+            raise ValueError(f"R2MConfig.labels_replace_pseudo must be a bool, got {self.labels_replace_pseudo!r}")
         if self.fusion_init not in FUSION_INITS:
             raise ValueError(f"R2MConfig.fusion_init must be one of {FUSION_INITS}, got {self.fusion_init!r}")
         if self.fused_scale not in FUSED_SCALES:

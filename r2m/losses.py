@@ -83,6 +83,32 @@ def select_pairs(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return winner, loser, finite & spread.squeeze(1)
 
 
+def labelled_bt_loss(rewards: Tensor, labels: Tensor, pairs: str = "extremes") -> tuple[Tensor, Tensor]:
+    """Bradley-Terry loss per group of ``rewards`` [G, K] against a labeller's scores ``labels`` [G, K], and which
+    groups have a labelled pair ([G] bool: every label finite, not all equal).
+
+    ``pairs="extremes"``: the group's highest- against its lowest-labelled sample (as `select_pairs` picks them);
+    ``"all"``: the mean over every pair of samples whose labels differ, the better-labelled one as winner.
+    """
+    _check_groups("labelled_bt_loss: rewards", rewards)
+    if labels.shape != rewards.shape:
+        raise ValueError(f"labelled_bt_loss: labels must have the shape of rewards {tuple(rewards.shape)}, got "
+                         f"{tuple(labels.shape)}")
+    if pairs == "extremes":
+        winner, loser, valid = select_pairs(labels)
+        return bt_loss(rewards.gather(1, winner[:, None]).squeeze(1),
+                       rewards.gather(1, loser[:, None]).squeeze(1)), valid
+    if pairs != "all":
+        raise ValueError(f"labelled_bt_loss: pairs must be 'extremes' or 'all', got {pairs!r}")
+    finite = torch.isfinite(labels).all(dim=1)
+    safe = torch.where(finite[:, None], labels, torch.zeros_like(labels))
+    better = safe[:, :, None] > safe[:, None, :]  # [G, i, j]: i is labelled better than j
+    margins = rewards[:, :, None] - rewards[:, None, :]
+    loss = torch.where(better, -F.logsigmoid(margins), torch.zeros_like(margins)).sum(dim=(1, 2))
+    count = better.sum(dim=(1, 2))
+    return loss / count.clamp_min(1), finite & (count > 0)
+
+
 def grebt_loss(
     rewards: Tensor, winner: Tensor, loser: Tensor, alpha: float, valid: Tensor | None = None
 ) -> Tensor:

@@ -72,6 +72,63 @@ def test_anchored_loss_and_gradients_match_a_float64_reference(reward_model):
         assert torch.equal(value, body_before[key]), key
 
 
+def pairwise_bt(scores, labels):
+    """Mean over every pair i, j with labels[i] > labels[j] of -log sigmoid(scores[i] - scores[j]), by loops."""
+    terms = [-torch.nn.functional.logsigmoid(scores[i] - scores[j])
+             for i in range(len(labels)) for j in range(len(labels)) if labels[i] > labels[j]]
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("label_term", ["fused", "trained"])
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("label_pairs", ["extremes", "all"])
+def test_label_options_match_a_float64_reference(reward_model, label_term, replace, label_pairs):
+    model = make(reward_model, label_term=label_term, labels_replace_pseudo=replace, label_pairs=label_pairs,
+                 update_steps=2)
+    rte, hidden, mask, rewards, labels = batch(seed=13)
+    reference = copy.deepcopy(model)
+    reference.fusion.double(), reference.head.double()
+    reference.fusion.impl = "naive"
+    reference.optimizer = torch.optim.Adam(reference.trainable_parameters(), lr=1e-2)
+    step = 6
+    w = r2m.omega(step, 10, 0.6)
+    h64 = torch.where(mask[..., None], hidden.double(), 0.0)
+    winner, loser, valid = losses.select_pairs(rewards.double().view(3, GROUP))
+    if replace:
+        valid[0] = False  # group 0 has the labelled pair: its pseudo-label pair goes
+    for _ in range(2):
+        reference.optimizer.zero_grad()
+        attended = reference.fusion(rte.double(), h64, mask)
+        scores = reference.head(w * rte.double() + (1 - w) * attended).squeeze(-1).view(3, GROUP)
+        labelled = scores if label_term == "fused" else reference.head(attended).squeeze(-1).view(3, GROUP)
+        if label_pairs == "extremes":
+            anchor = losses.bt_loss(labelled[0, 1], labelled[0, 2])  # labels 2.0 over -1.0
+        else:
+            anchor = pairwise_bt(labelled[0], labels[:GROUP].tolist())
+        loss = losses.grebt_loss(scores, winner, loser, 0.3, valid) + 0.7 * anchor
+        loss.backward()
+        reference.optimizer.step()
+
+    stats = model.update(rte, hidden, mask, rewards, GROUP, step, labels=labels)
+    assert stats["anchor_bt"] == pytest.approx(anchor.item(), rel=1e-4)
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-4)
+    for param, ref in zip(model.trainable_parameters(), reference.trainable_parameters(), strict=True):
+        torch.testing.assert_close(param.detach().double(), ref.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_label_term_changes_the_update_only_where_labels_are_given(reward_model):
+    rte, hidden, mask, rewards, labels = batch(seed=15)
+    weights = {}
+    for term in ("fused", "trained"):
+        for given in (None, labels):
+            torch.manual_seed(0)
+            model = make(copy.deepcopy(reward_model), label_term=term, labels_replace_pseudo=True)
+            model.update(rte, hidden, mask, rewards, GROUP, 3, labels=given)
+            weights[term, given is None] = torch.cat([p.detach().flatten() for p in model.trainable_parameters()])
+    torch.testing.assert_close(weights["fused", True], weights["trained", True], rtol=0, atol=0)
+    assert not torch.allclose(weights["fused", False], weights["trained", False])
+
+
 def test_without_labels_anchored_is_the_full_method(reward_model):
     rte, hidden, mask, rewards, _ = batch(seed=5)
     stats = {}
@@ -113,3 +170,23 @@ def test_random_fusion_init_makes_the_untrained_r2m_differ_from_its_rm(reward_mo
     offset = (1 - w) * zero.head(torch.zeros(32)).detach()  # head(Ĥ = 0): its bias, if it has one
     torch.testing.assert_close(zero.reward_from_rte(rte, hidden, mask, 8), w * vanilla + offset)
     assert not torch.allclose(random.reward_from_rte(rte, hidden, mask, 8), zero.reward_from_rte(rte, hidden, mask, 8))
+
+
+def test_labelled_bt_loss_over_all_pairs_matches_loops_and_skips_unlabelled_groups():
+    generator = torch.Generator().manual_seed(21)
+    rewards = torch.randn(4, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.tensor([[0.3, 1.0, 1.0, -2.0, 0.0], [1.0] * 5, [0.5, math.nan, 0.1, 0.2, 0.3],
+                           [5.0, 4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    loss, valid = losses.labelled_bt_loss(rewards, labels, "all")
+    assert valid.tolist() == [True, False, False, True]  # all tied; partly unlabelled
+    for g in (0, 3):
+        torch.testing.assert_close(loss[g], pairwise_bt(rewards[g], labels[g].tolist()))
+    assert torch.isfinite(loss).all()
+    loss[valid].sum().backward()
+    assert torch.isfinite(rewards.grad).all() and rewards.grad[1].abs().sum() == 0
+    extremes, valid = losses.labelled_bt_loss(rewards.detach(), labels, "extremes")
+    torch.testing.assert_close(extremes[3], -torch.nn.functional.logsigmoid(rewards[3, 0] - rewards[3, 4]).detach())
+    with pytest.raises(ValueError, match="pairs must be 'extremes' or 'all', got 'some'"):
+        losses.labelled_bt_loss(rewards, labels, "some")
+    with pytest.raises(ValueError, match=r"labels must have the shape of rewards \(4, 5\)"):
+        losses.labelled_bt_loss(rewards, labels[:, :3], "all")

@@ -55,7 +55,8 @@ class LabRunConfig:
     ``label_groups``: in modes ``anchored`` and ``head_only``, the groups per batch whose responses the gold reward
     labels for the update (0: none). ``anchor_pairs``: in those modes, the size of a fixed anchor set of
     gold-labelled preference pairs from the world without the spurious correlation (0: none), the policy's states of
-    which are refreshed every ``anchor_every`` R2M updates. ``fused_scale``: `R2MConfig.fused_scale`.
+    which are refreshed every ``anchor_every`` R2M updates. ``fused_scale``, ``label_term``,
+    ``label_pairs``, ``labels_replace_pseudo``: those of `R2MConfig`.
     ``num_iterations``: policy epochs per generation batch (the paper's 2; ``steps`` counts policy steps, R2M
     updates once per generation batch).
     ``mix``: the gold reward's weight in control ``mix``.
@@ -82,6 +83,9 @@ class LabRunConfig:
     num_iterations: int = 2
     label_groups: int = 0
     anchor_weight: float = 1.0
+    label_term: str = "fused"
+    label_pairs: str = "extremes"
+    labels_replace_pseudo: bool = False
     anchor_pairs: int = 0
     anchor_every: int = 1
     mix: float = 0.3
@@ -100,7 +104,8 @@ class LabRunConfig:
         return R2MConfig(mode=mode, lr=self.r2m_lr, alpha=self.alpha, update_steps=self.update_steps,
                          omega_min=self.omega_min, total_steps=self.total_steps or self.steps, seed=self.seed,
                          fusion_init=self.fusion_init, anchor_weight=self.anchor_weight,
-                         fused_scale=self.fused_scale)
+                         fused_scale=self.fused_scale, label_term=self.label_term,
+                         label_pairs=self.label_pairs, labels_replace_pseudo=self.labels_replace_pseudo)
 
 
 def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path, progress: bool = False) -> Path:
