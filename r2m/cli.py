@@ -11,9 +11,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": ("r2m.integrations.trl.cli", "main", "train with TRL's GRPOTrainer and an R2M reward"),
     "rloo": ("r2m.integrations.trl.cli", "main", "train with TRL's RLOOTrainer and an R2M reward"),
     "bench": ("r2m.benchmarks.{benchmark}", "main",
-              "run a benchmark: kernel | overhead | lab | accuracy | openrlhf_traffic"),
+              "run a benchmark: kernel | overhead | lab | accuracy | ceiling | openrlhf_traffic"),
 }
-BENCHMARKS = ("kernel", "overhead", "lab", "accuracy", "openrlhf_traffic")
+BENCHMARKS = ("kernel", "overhead", "lab", "accuracy", "ceiling", "openrlhf_traffic")
 
 
 def _usage() -> str:
