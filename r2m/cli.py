@@ -6,8 +6,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("r2m.benchmarks.lab", "demo", "the over-optimisation lab's quick mode: GRPO with the vanilla RM and with "
-             "R2M on the built-in tiny task"),
+    "demo": ("r2m.benchmarks.lab", "demo", "the over-optimisation lab's quick mode: GRPO with the vanilla RM, the gold "
+             "reward and anchored R2M on the built-in tiny task"),
     "grpo": ("r2m.integrations.trl.cli", "main", "train with TRL's GRPOTrainer and an R2M reward"),
     "rloo": ("r2m.integrations.trl.cli", "main", "train with TRL's RLOOTrainer and an R2M reward"),
     "bench": ("r2m.benchmarks.{benchmark}", "main",

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from r2m.benchmarks.lab import Variant, add_run_options, format_interval, mean_interval, run_once, world_and_run
+from r2m.benchmarks.lab import WORLD, Variant, add_run_options, format_interval, mean_interval, run_once, world_and_run
 from r2m.benchmarks.lab_world import LabWorld, policy_states, probe_accuracy, reward_token_states
 from r2m.benchmarks.options import add_quick, resolve_defaults
 from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_results
@@ -78,30 +78,26 @@ def parser() -> argparse.ArgumentParser:
     add_quick(p, QUICK)
     p.add_argument("--seeds", type=int, help=f"default {DEFAULTS['seeds']}")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as `r2m bench lab`)")
     p.add_argument("--prompts", type=int, help=f"prompts sampled K times per policy (default {DEFAULTS['prompts']})")
     add_run_options(p)
+    p.set_defaults(**WORLD)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     resolve_defaults(args, QUICK, DEFAULTS)
-    for name, minimum in (("seeds", 1), ("steps", 1), ("prompts", 2), ("first_seed", 0)):
+    for name, minimum in (("seeds", 1), ("steps", 1), ("prompts", 2), ("first_seed", 0), ("threads", 1)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"r2m bench ceiling: --{name.replace('_', '-')} must be >= {minimum}, got "
                              f"{getattr(args, name)}")
-    rows = []
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(seeds), desc="ceiling seeds") as progress:
-        for seed in seeds:
-            world, run = world_and_run(args, seed)
-            proxy = world.train_proxy(progress=f"proxy RM, seed {seed}")
-            result = run_once(Variant.parse("vanilla"), run, world, proxy, Path(args.cache_dir), Path(tmp))
-            initial = AutoModelForCausalLM.from_pretrained(result.initial_policy).eval()
-            for name, policy in (("initial", initial), ("after_vanilla", result.policy)):
-                rows.append({"seed": seed, "policy": name,
-                             **ceiling(world, proxy, policy, args.prompts, run.generations, run.temperature, seed)})
-            progress.update()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        rows = _measure(args)
+    finally:
+        torch.set_num_threads(threads)
     summary = [{"policy": name, "seeds": args.seeds,
                 **{k: mean_interval([r[k] for r in rows if r["policy"] == name]) for k in FEATURES},
                 **{f"{k}_minus_proxy": mean_interval([r[k] - r["proxy"] for r in rows if r["policy"] == name])
@@ -118,6 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {out / 'ceiling.json'}, {out / 'ceiling.md'}, {out / 'ceiling.png'}")
     return 0
+
+
+def _measure(args: argparse.Namespace) -> list[dict]:
+    """Per seed and policy (initial, after a vanilla run), the `ceiling` row."""
+    rows = []
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(seeds), desc="ceiling seeds") as progress:
+        for seed in seeds:
+            world, run = world_and_run(args, seed)
+            proxy = world.train_proxy(progress=f"proxy RM, seed {seed}")
+            result = run_once(Variant.parse("vanilla"), run, world, proxy, Path(args.cache_dir), Path(tmp))
+            initial = AutoModelForCausalLM.from_pretrained(result.initial_policy).eval()
+            for name, policy in (("initial", initial), ("after_vanilla", result.policy)):
+                rows.append({"seed": seed, "policy": name,
+                             **ceiling(world, proxy, policy, args.prompts, run.generations, run.temperature, seed)})
+            progress.update()
+    return rows
 
 
 def _plot(summary: list[dict], path: Path) -> None:

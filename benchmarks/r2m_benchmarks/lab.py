@@ -27,7 +27,8 @@ per variant it reports, each as a mean with its 95% t-interval over seeds and as
 
 Seeds run from ``--first-seed`` (choose settings on seeds 0-9, report them on 10-19). Writes ``lab.json`` (all
 curves), ``lab.md``, ``lab.png`` and, with variants that differ in ``label_groups``, ``label_budget.png``.
-``--quick`` is what `r2m demo` runs.
+``--quick`` is what `r2m demo` runs. The world's flags default to `WORLD`, the world the lab reports in (the
+earlier world: ``--rm-bias 0.65 --rm-repeat-share 0 --sft-spurious-share 0``).
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ from r2m.benchmarks.report import markdown_table, save_figure, subplots, write_r
 from r2m.config import MODES
 from r2m.reward_model import R2MRewardModel
 
-VARIANTS = ("vanilla", "r2m", "r2m:fused_scale=base_spread", "r2m:r2m_lr=1e-3",
-            "r2m:r2m_lr=1e-3:fused_scale=base_spread", "anchored:label_groups=2", "head_only:label_groups=2",
-            "anchored:anchor_pairs=64", "head_only:anchor_pairs=64")
-# `r2m demo`: the lab's world, one seed, 150 steps, no premise check (within 3 minutes on 2 cores)
-QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,r2m", "premise_pairs": 0}
-DEFAULTS = {"seeds": 10, "steps": 300, "variants": ",".join(VARIANTS), "premise_pairs": 2000}
+VARIANTS = ("vanilla", "oracle", "r2m", "r2m:r2m_lr=1e-2", "anchored:r2m_lr=1e-2:label_groups=2",
+            "head_only:r2m_lr=1e-2:label_groups=2")
+# The world the lab reports in (issue 22, chosen on vanilla and the controls alone: `results/lab-world-probe`): the
+# proxy's training pairs favour the spurious word 80% of the time and 30% of its responses repeat words, and 30% of the
+# policy's SFT responses carry the spurious word, so that vanilla's exploit is the one the proxy's bias causes.
+WORLD = {"rm_bias": 0.8, "rm_repeat_share": 0.3, "sft_spurious_share": 0.3}
+# `r2m demo`: one seed, 150 steps, no premise check (within 3 minutes on 2 cores); vanilla, the oracle and the variant
+# with the strongest measured evidence (`results/lab-label-budget`: gold at KL 0.2 above the seed spread on the report
+# seeds with labels on 4 of 8 groups), which is not a recommendation.
+QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,anchored:r2m_lr=1e-2:label_groups=4", "premise_pairs": 0}
+DEFAULTS = {"seeds": 10, "steps": 150, "variants": ",".join(VARIANTS), "premise_pairs": 2000}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
 PAIRED_METRICS = ("rank_gap", "gold_at_kl", "gold_auc_kl", "gold_end", "kl_end", "gold_peak")
 GAP_METRICS = ("rank_gap", "gold_at_kl", "gold_end")  # shown as shares of the vanilla-to-oracle gap
-KL_POINTS = (0.25, 0.5, 1.0, 1.5)
+KL_POINTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 GOLD_MIN_FALL = 0.02  # a run's gold has fallen when its last window is this far below its peak
 SIMILARITY_MIN_RISE = 0.01  # its state similarity has risen when its maximum is this far above its start
 
@@ -639,6 +645,7 @@ def parser(prog: str = "r2m bench lab", out: str = "benchmarks/results/lab") -> 
     p.add_argument("--premise-pairs", type=int,
                    help=f"unbiased gold pairs of the premise check (0: none; default {DEFAULTS['premise_pairs']})")
     add_run_options(p)
+    p.set_defaults(**WORLD)
     return p
 
 
@@ -726,7 +733,7 @@ def report(options: argparse.Namespace, variants: list[Variant], kl_points: tupl
 
 
 def demo(argv: list[str] | None = None) -> int:
-    """`r2m demo`: the lab's quick mode (vanilla RM, the oracle and R2M), written to ``out/demo``."""
+    """`r2m demo`: the lab's quick mode (the vanilla RM, the oracle and anchored R2M), written to ``out/demo``."""
     return main(argv, prog="r2m demo", out="out/demo", quick=True)
 
 
