@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,17 @@ from r2m.schedule import omega
 PolicyContext = Callable[[Tensor], tuple[Tensor, Tensor]]
 # What the core takes as policy states: packed states, a context, or None (modes that fuse none).
 PolicyInput = PackedStates | PolicyContext | None
+
+
+@dataclass
+class LabelledGroup:
+    """A group of samples an update had labels for, kept for ``R2MConfig.label_replay``: RTEs [K, D_rm], policy
+    states (None in modes that fuse none), the judge's base rewards [K] (None for a reward model) and labels [K]."""
+
+    rte: Tensor
+    states: PackedStates | None
+    base_rewards: Tensor | None
+    labels: Tensor
 
 
 class R2MModule(nn.Module):
@@ -60,6 +73,8 @@ class R2MModule(nn.Module):
         self.noise_seed = config.seed if config.seed is not None else torch.Generator().seed() % 2**62
         # kappa of ``fused_scale="base_spread"``: what the trained term is multiplied by (set by each update).
         self.fused_scale_factor = 1.0
+        # ``label_replay``: the labelled groups of earlier updates, oldest first.
+        self.replayed_groups: deque[LabelledGroup] = deque(maxlen=max(config.label_replay, 1))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> R2MModule:
         """What ``.to``/``.cuda``/``.half``/... run. The wrapped model gets ``fn``; so do fusion, head and the
@@ -172,6 +187,7 @@ class R2MModule(nn.Module):
         check_int("group_size", group_size, minimum=2, hint=" (responses per prompt)")
         anchor_set = self._check_anchor(anchor)
         rank, world = rank_and_world()
+        replay = self._check_replay(states, world) if labels is not None else []
         all_rewards = all_gather(rewards.to(device), world)
         if all_rewards.numel() % group_size:
             raise ValueError(f"the batch has {all_rewards.numel()} samples in all, not a whole number of groups of "
@@ -210,9 +226,11 @@ class R2MModule(nn.Module):
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
             # the labelled pairs' term, on the fused reward or (label_term="trained") on head(Ĥ) alone
             gathered_trained = all_gather(trained.detach(), world).requires_grad_(True) if on_trained else None
-            if bool(labelled.any()):
+            if bool(labelled.any()) or replay:
                 scored = gathered_trained.view(groups, group_size)[group_ok] if on_trained else group_rewards
                 anchor = labelled_bt_loss(scored, label_scores, self.config.label_pairs)[0][labelled]
+                if replay:
+                    anchor = torch.cat([anchor, self._replay_bt(replay, step)])
                 loss = loss + self.config.anchor_weight * anchor.mean()
                 stats["anchor_bt"] = float(anchor.detach().mean())
             self.optimizer.zero_grad(set_to_none=False)
@@ -234,8 +252,11 @@ class R2MModule(nn.Module):
                              bt=float(bt[has_pair].mean()) if bool(has_pair.any()) else 0.0)
                 degenerate = int(degenerate_groups(group_rewards).sum())
         stats["update_size"] = _relative_change(before, self._weights())
+        if self.config.label_replay and label_scores is not None:
+            self._keep_labelled(rte, states, base_rewards, label_scores, labelled, group_ok, group_size)
         return {**stats, "groups_used": float(used), "groups_skipped": float(groups - used),
                 "groups_degenerate": float(degenerate), "groups_labelled": float(labelled.sum()),
+                "groups_replayed": float(len(replay)),
                 "update_ms": 1000.0 * (time.perf_counter() - start)}
 
     def policy_input(self, hidden: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
@@ -285,6 +306,47 @@ class R2MModule(nn.Module):
         if not bool(ok.any()):
             return None
         return bt_loss(rewards[:pairs][ok], rewards[pairs:][ok]).mean()
+
+    def _check_replay(self, states: PolicyInput, world: int) -> list[LabelledGroup]:
+        """The groups ``label_replay`` replays in this update (none when it is 0), after checking that it can."""
+        if not self.config.label_replay:
+            return []
+        if world > 1:
+            raise ValueError("R2MConfig.label_replay keeps labelled groups in one process; it is not supported under "
+                             "torch.distributed (set label_replay=0)")
+        if callable(states):
+            raise ValueError("R2MConfig.label_replay keeps the labelled groups' policy states: pass them as tensors "
+                             "(hidden), not a context (set label_replay=0)")
+        return list(self.replayed_groups)
+
+    def _keep_labelled(self, rte: Tensor, states: PolicyInput, base_rewards: Tensor | None, label_scores: Tensor,
+                       labelled: Tensor, group_ok: Tensor, group_size: int) -> None:
+        """Add this update's labelled groups to ``replayed_groups`` (as they were scored: detached copies)."""
+        groups = torch.nonzero(group_ok).squeeze(1)[labelled].tolist()
+        scores = label_scores[labelled]
+        for group, labels in zip(groups, scores, strict=True):
+            rows = range(group * group_size, (group + 1) * group_size)
+            kept = None
+            if isinstance(states, PackedStates):
+                kept = PackedStates.from_samples([states.sample(i).detach().clone() for i in rows])
+            base = None if base_rewards is None else base_rewards[group * group_size:(group + 1) * group_size].clone()
+            self.replayed_groups.append(LabelledGroup(rte[group * group_size:(group + 1) * group_size].detach().clone(),
+                                                      kept, base, labels.clone()))
+
+    def _replay_bt(self, replay: list[LabelledGroup], step: int) -> Tensor:
+        """Per replayed group with a labelled pair, its Bradley-Terry loss under the current weights (the reward
+        ``label_term`` names)."""
+        rte = torch.cat([g.rte for g in replay])
+        states = None if replay[0].states is None else PackedStates.concat([g.states for g in replay])
+        base = None if replay[0].base_rewards is None else torch.cat([g.base_rewards for g in replay])
+        if self.config.label_term == "trained":
+            _, rewards, usable = self._reward_parts(rte, states, base, with_grad=True)
+        else:
+            rewards, usable = self._rewards(rte, states, step, base, with_grad=True)
+        labels = torch.stack([g.labels for g in replay])
+        rewards = torch.where(usable, rewards, torch.zeros_like(rewards)).view(len(replay), -1)
+        losses, valid = labelled_bt_loss(rewards, labels, self.config.label_pairs)
+        return losses[valid & usable.view(len(replay), -1).all(dim=1)]
 
     def _gathered_labels(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
                          world: int) -> Tensor | None:

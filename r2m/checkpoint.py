@@ -36,7 +36,8 @@ FORMAT = 2
 STRUCTURAL_FIELDS = ("attn_dim", "num_heads", "mode")
 # Config fields a resumed run may change: it trains on with this config's value, with a warning.
 TRAINING_FIELDS = ("omega_min", "alpha", "lr", "update_steps", "max_grad_norm", "anchor_weight", "fused_scale",
-                   "label_term", "label_pairs", "labels_replace_pseudo")
+                   "label_term", "label_pairs", "labels_replace_pseudo",
+                   "label_replay")
 RUN_STATE_FIELDS = ("total_steps", "noise_seed", "fused_scale_factor", "param_groups")
 
 

@@ -75,6 +75,13 @@ class R2MConfig:
         "help": "Which pairs of a fully labelled group the Bradley-Terry term on labels takes: extremes (its highest- "
                 "against its lowest-labelled sample) or all (every pair whose labels differ, averaged per group).",
         "choices": LABEL_PAIRS})
+    label_replay: int = field(default=0, metadata={
+        "help": "Labelled groups kept from earlier updates (modes anchored and head_only, with labels): each update's "
+                "Bradley-Terry term on labels is taken over this batch's labelled groups and up to this many earlier "
+                "ones (their reward-token embeddings, policy states and labels as they were when labelled), so that "
+                "labels accumulate instead of each being seen once. 0: none. Holds the policy states of those groups "
+                "in memory; one process only, with the policy states given as tensors (not a context); not saved "
+                "with a checkpoint."})
     labels_replace_pseudo: bool = field(default=False, metadata={
         "help": "In a group with a labelled pair, drop GREBT's pseudo-label pair (its highest- and lowest-rewarded "
                 "sample under the reward the policy was trained on), so that the label is not fought by the "
@@ -123,6 +130,7 @@ class R2MConfig:
             raise ValueError(f"R2MConfig.label_term must be one of {LABEL_TERMS}, got {self.label_term!r}")
         if self.label_pairs not in LABEL_PAIRS:
             raise ValueError(f"R2MConfig.label_pairs must be one of {LABEL_PAIRS}, got {self.label_pairs!r}")
+        check_int("R2MConfig.label_replay", self.label_replay, minimum=0)
         if not isinstance(self.labels_replace_pseudo, bool):
             raise ValueError(f"R2MConfig.labels_replace_pseudo must be a bool, got {self.labels_replace_pseudo!r}")
         if self.fusion_init not in FUSION_INITS:

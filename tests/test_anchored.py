@@ -190,3 +190,61 @@ def test_labelled_bt_loss_over_all_pairs_matches_loops_and_skips_unlabelled_grou
         losses.labelled_bt_loss(rewards, labels, "some")
     with pytest.raises(ValueError, match=r"labels must have the shape of rewards \(4, 5\)"):
         losses.labelled_bt_loss(rewards, labels[:, :3], "all")
+
+
+def test_label_replay_adds_earlier_labelled_groups_as_a_float64_reference_does(reward_model):
+    model = make(reward_model, label_replay=4)
+    reference = copy.deepcopy(model)
+    reference.fusion.double(), reference.head.double()
+    reference.fusion.impl = "naive"
+    reference.optimizer = torch.optim.Adam(reference.trainable_parameters(), lr=1e-2)
+    kept = []  # (rte, hidden, mask, labels) of the labelled group 0 of each earlier batch
+    for update, (seed, step) in enumerate(((17, 3), (19, 4), (23, 5))):
+        rte, hidden, mask, rewards, labels = batch(seed)
+        w = r2m.omega(step, 10, 0.6)
+
+        def scores(rte, hidden, mask, w=w):
+            h64 = torch.where(mask[..., None], hidden.double(), 0.0)
+            return reference.head(w * rte.double() + (1 - w) * reference.fusion(rte.double(), h64, mask)).squeeze(-1)
+
+        reference.optimizer.zero_grad()
+        fused = scores(rte, hidden, mask).view(3, GROUP)
+        winner, loser, valid = losses.select_pairs(rewards.double().view(3, GROUP))
+        terms = [losses.bt_loss(fused[0, 1], fused[0, 2])]  # this batch's labelled group: labels 2.0 over -1.0
+        terms += [losses.bt_loss(*scores(*old[:3])[[1, 2]]) for old in kept]  # the same pair in earlier batches
+        anchor = torch.stack(terms).mean()
+        loss = losses.grebt_loss(fused, winner, loser, 0.3, valid) + 0.7 * anchor
+        loss.backward()
+        reference.optimizer.step()
+        kept.append((rte[:GROUP], hidden[:GROUP], mask[:GROUP], labels[:GROUP]))
+
+        stats = model.update(rte, hidden, mask, rewards, GROUP, step, labels=labels)
+        assert stats["groups_replayed"] == update and stats["groups_labelled"] == 1
+        assert stats["anchor_bt"] == pytest.approx(anchor.item(), rel=1e-4)
+        for param, ref in zip(model.trainable_parameters(), reference.trainable_parameters(), strict=True):
+            torch.testing.assert_close(param.detach().double(), ref.detach(), atol=1e-5, rtol=1e-4)
+    assert len(model.replayed_groups) == 3
+
+
+def test_label_replay_keeps_at_most_its_size_and_runs_without_policy_states(reward_model):
+    model = make(reward_model, mode="head_only", label_replay=2)
+    for update, seed in enumerate((29, 31, 37, 41)):
+        rte, _, _, rewards, labels = batch(seed)
+        stats = model.update(rte, None, None, rewards, GROUP, 2, labels=labels)
+        assert stats["groups_replayed"] == min(update, 2) and math.isfinite(stats["anchor_bt"])
+    assert len(model.replayed_groups) == 2 and model.replayed_groups[0].states is None
+    no_replay = make(copy.deepcopy(reward_model), mode="head_only")
+    assert no_replay.update(rte, None, None, rewards, GROUP, 2, labels=labels)["groups_replayed"] == 0
+
+
+def test_label_replay_refuses_a_context_and_is_checked(reward_model):
+    model = make(reward_model, label_replay=2)
+    rte, _, _, rewards, labels = batch(43)
+
+    def context(u):
+        raise AssertionError("the update refuses label_replay with a context before it attends")
+
+    with pytest.raises(ValueError, match="label_replay keeps the labelled groups' policy states: pass them as tensors"):
+        model.update(rte, None, None, rewards, GROUP, 2, context=context, labels=labels)
+    with pytest.raises(ValueError, match=r"R2MConfig.label_replay must be an int >= 0, got -1"):
+        r2m.R2MConfig(label_replay=-1)

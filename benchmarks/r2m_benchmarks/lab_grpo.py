@@ -56,7 +56,7 @@ class LabRunConfig:
     labels for the update (0: none). ``anchor_pairs``: in those modes, the size of a fixed anchor set of
     gold-labelled preference pairs from the world without the spurious correlation (0: none), the policy's states of
     which are refreshed every ``anchor_every`` R2M updates. ``fused_scale``, ``label_term``,
-    ``label_pairs``, ``labels_replace_pseudo``: those of `R2MConfig`.
+    ``label_pairs``, ``label_replay``, ``labels_replace_pseudo``: those of `R2MConfig`.
     ``num_iterations``: policy epochs per generation batch (the paper's 2; ``steps`` counts policy steps, R2M
     updates once per generation batch).
     ``mix``: the gold reward's weight in control ``mix``.
@@ -85,6 +85,7 @@ class LabRunConfig:
     anchor_weight: float = 1.0
     label_term: str = "fused"
     label_pairs: str = "extremes"
+    label_replay: int = 0
     labels_replace_pseudo: bool = False
     anchor_pairs: int = 0
     anchor_every: int = 1
@@ -105,7 +106,8 @@ class LabRunConfig:
                          omega_min=self.omega_min, total_steps=self.total_steps or self.steps, seed=self.seed,
                          fusion_init=self.fusion_init, anchor_weight=self.anchor_weight,
                          fused_scale=self.fused_scale, label_term=self.label_term,
-                         label_pairs=self.label_pairs, labels_replace_pseudo=self.labels_replace_pseudo)
+                         label_pairs=self.label_pairs, label_replay=self.label_replay,
+                         labels_replace_pseudo=self.labels_replace_pseudo)
 
 
 def initial_policy(world: LabWorld, run: LabRunConfig, cache_dir: Path, progress: bool = False) -> Path:

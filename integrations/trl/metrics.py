@@ -43,6 +43,7 @@ METRICS = (
     Metric("r2m/groups_degenerate", "update", "groups whose fused rewards were tied (zero GRE gradient)"),
     Metric("r2m/groups_labelled", "update", "groups with a labelled pair (labeller=)"),
     Metric("r2m/anchor_bt", "update", "Bradley-Terry loss on the labelled pairs (labeller=)"),
+    Metric("r2m/groups_replayed", "update", "labelled groups of earlier updates replayed (R2MConfig.label_replay)"),
     Metric("r2m/fused_scale", "update", "kappa of fused_scale='base_spread' (1 otherwise)"),
     Metric("r2m/update_ms", "update", "host ms of the update"),
     Metric("r2m/update_size", "update", "||theta' - theta|| / ||theta|| of the fusion and head weights"),
