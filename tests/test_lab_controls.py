@@ -191,3 +191,11 @@ def test_labelled_pair_bt_by_hand():
     assert found["label_bt_proxy"] == pytest.approx(math.log1p(math.exp(1.0)))  # s_w - s_l = 1 - 2
     assert found["label_bt_trained"] == pytest.approx(math.log1p(math.exp(-3.0)))
     assert labelled_pair_bt(proxy, trained, torch.zeros(2, 3, dtype=torch.float64), label_groups=2) == {}
+
+
+def test_the_demo_runs_vanilla_the_oracle_and_one_labelled_variant():
+    from r2m.benchmarks.lab import DEMO_VARIANT, QUICK
+
+    variants = parse_variants(QUICK["variants"])
+    assert [v.mode for v in variants] == ["vanilla", "oracle", "anchored"]
+    assert variants[2].label == DEMO_VARIANT and dict(variants[2].overrides)["label_groups"] >= 1

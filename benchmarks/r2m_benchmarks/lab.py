@@ -59,10 +59,12 @@ VARIANTS = ("vanilla", "oracle", "r2m", "r2m:r2m_lr=1e-2", "anchored:r2m_lr=1e-2
 # proxy's training pairs favour the spurious word 80% of the time and 30% of its responses repeat words, and 30% of the
 # policy's SFT responses carry the spurious word, so that vanilla's exploit is the one the proxy's bias causes.
 WORLD = {"rm_bias": 0.8, "rm_repeat_share": 0.3, "sft_spurious_share": 0.3}
-# `r2m demo`: one seed, 150 steps, no premise check (within 3 minutes on 2 cores); vanilla, the oracle and the variant
-# with the strongest measured evidence (`results/lab-label-budget`: gold at KL 0.2 above the seed spread on the report
-# seeds with labels on 4 of 8 groups), which is not a recommendation.
-QUICK = {"seeds": 1, "steps": 150, "variants": "vanilla,oracle,anchored:r2m_lr=1e-2:label_groups=4", "premise_pairs": 0}
+# `r2m demo`: one seed, 150 steps, no premise check (within 3 minutes on 2 cores): vanilla, the oracle and the variant
+# chosen on the selection seeds 0-9 (`results/lab-label-design-seeds0-9`, round 4: anchored with gold labels on every
+# group, replayed), shown as the best measured, not as a recommendation.
+DEMO_VARIANT = ("anchored:r2m_lr=1e-3:label_groups=8:label_replay=256:label_pairs=all:anchor_weight=10:"
+                "update_steps=4")
+QUICK = {"seeds": 1, "steps": 150, "variants": f"vanilla,oracle,{DEMO_VARIANT}", "premise_pairs": 0}
 DEFAULTS = {"seeds": 10, "steps": 150, "variants": ",".join(VARIANTS), "premise_pairs": 2000}
 COLLAPSE_SHARE = 0.5  # a run has collapsed when more than this share of its final responses has the spurious word
 PAIRED_METRICS = ("rank_gap", "gold_at_kl", "gold_auc_kl", "gold_end", "kl_end", "gold_peak")
@@ -733,7 +735,7 @@ def report(options: argparse.Namespace, variants: list[Variant], kl_points: tupl
 
 
 def demo(argv: list[str] | None = None) -> int:
-    """`r2m demo`: the lab's quick mode (the vanilla RM, the oracle and anchored R2M), written to ``out/demo``."""
+    """`r2m demo`: the lab's quick mode (the vanilla RM, the oracle and `DEMO_VARIANT`), written to ``out/demo``."""
     return main(argv, prog="r2m demo", out="out/demo", quick=True)
 
 
