@@ -10,6 +10,7 @@ import pytest
 
 import r2m
 from r2m import cli as r2m_cli
+from r2m.benchmarks.lab import DEMO_VARIANT
 from r2m.config import R2MConfig
 from r2m.integrations.trl import cli
 
@@ -127,13 +128,15 @@ def test_bad_command_and_missing_dataset(tmp_path, capsys):
 def test_demo_is_the_quick_lab_and_writes_table_plot_and_curves(tmp_path, capsys):
     assert r2m_cli.main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "| vanilla |" in printed and "| oracle |" in printed and "| r2m |" in printed
+    variants = ["vanilla", "oracle", DEMO_VARIANT]  # the oracle: the gain a better reward can buy
+    assert all(f"| {variant} |" in printed for variant in variants)
     results = json.loads((tmp_path / "lab.json").read_text())
     assert results["args"]["quick"] is True and results["args"]["seeds"] == 1 and results["args"]["steps"] == 3
-    assert set(results["runs"]) == {"vanilla", "oracle", "r2m"}  # the oracle: the gain a better reward can buy
+    assert results["args"]["rm_bias"] == 0.8 and results["args"]["sft_spurious_share"] == 0.3  # the revised world
+    assert set(results["runs"]) == set(variants)
     # two policy epochs per generation batch: the 3 steps score batches at steps 1 and 3
     assert all([r["step"] for r in run["0"]["curve"]] == [1, 3] for run in results["runs"].values())
-    assert [row["variant"] for row in results["summary"]] == ["vanilla", "oracle", "r2m"]
+    assert [row["variant"] for row in results["summary"]] == variants
     assert all(row["extra_policy_forwards"] == 0 for row in results["summary"])
     assert (tmp_path / "lab.png").stat().st_size > 0 and (tmp_path / "lab.md").is_file()
 
