@@ -209,9 +209,7 @@ class R2MModule(nn.Module):
         annotation = torch.where(sample_ok, all_rewards, torch.zeros_like(all_rewards)).view(groups, group_size)
         winner, loser, has_pair = select_pairs(annotation[group_ok])
         label_scores = self._gathered_labels(labels, rewards.shape[0], group_ok, group_size, world)
-        labelled = torch.zeros_like(has_pair)
-        if label_scores is not None:
-            labelled = labelled_bt_loss(annotation[group_ok], label_scores)[1]
+        labelled = torch.zeros_like(has_pair) if label_scores is None else select_pairs(label_scores)[2]
         if self.config.labels_replace_pseudo:
             has_pair = has_pair & ~labelled
         on_trained = self.config.label_term == "trained"
@@ -225,7 +223,9 @@ class R2MModule(nn.Module):
             group_rewards = gathered.view(groups, group_size)[group_ok]
             loss = grebt_loss(group_rewards, winner, loser, self.config.effective_alpha, has_pair)
             # the labelled pairs' term, on the fused reward or (label_term="trained") on head(Ĥ) alone
-            gathered_trained = all_gather(trained.detach(), world).requires_grad_(True) if on_trained else None
+            gathered_trained = None
+            if on_trained and bool(labelled.any()):
+                gathered_trained = all_gather(trained.detach(), world).requires_grad_(True)
             if bool(labelled.any()) or replay:
                 scored = gathered_trained.view(groups, group_size)[group_ok] if on_trained else group_rewards
                 anchor = labelled_bt_loss(scored, label_scores, self.config.label_pairs)[0][labelled]
@@ -241,7 +241,7 @@ class R2MModule(nn.Module):
                     stats["anchor_set_bt"] = float(set_bt.detach())
             loss.backward()  # into the gathered rewards' .grad (and, for the anchor set, into fusion and head)
             outputs, grads = [fused], [gathered.grad.view(world, -1)[rank]]
-            if gathered_trained is not None and gathered_trained.grad is not None:
+            if gathered_trained is not None:
                 outputs.append(trained)
                 grads.append(gathered_trained.grad.view(world, -1)[rank])
             torch.autograd.backward(outputs, grads)
@@ -296,10 +296,7 @@ class R2MModule(nn.Module):
 
     def _anchor_set_bt(self, anchor: AnchorBatch, step: int, with_grad: bool) -> Tensor | None:
         """Mean Bradley-Terry loss of the R2M rewards over the anchor set's usable pairs (None if none is)."""
-        if self.config.label_term == "trained":
-            _, rewards, usable = self._reward_parts(anchor.rte, anchor.states, anchor.base_rewards, with_grad)
-        else:
-            rewards, usable = self._rewards(anchor.rte, anchor.states, step, anchor.base_rewards, with_grad=with_grad)
+        rewards, usable = self._labelled_rewards(anchor.rte, anchor.states, step, anchor.base_rewards, with_grad)
         pairs = anchor.pairs
         ok = usable & torch.isfinite(rewards.detach())
         ok = ok[:pairs] & ok[pairs:]
@@ -323,15 +320,13 @@ class R2MModule(nn.Module):
                        labelled: Tensor, group_ok: Tensor, group_size: int) -> None:
         """Add this update's labelled groups to ``replayed_groups`` (as they were scored: detached copies)."""
         groups = torch.nonzero(group_ok).squeeze(1)[labelled].tolist()
-        scores = label_scores[labelled]
-        for group, labels in zip(groups, scores, strict=True):
-            rows = range(group * group_size, (group + 1) * group_size)
-            kept = None
+        for group, labels in zip(groups, label_scores[labelled], strict=True):
+            rows = slice(group * group_size, (group + 1) * group_size)
+            kept = None  # from_samples packs with one copy: nothing of this batch's storage is held
             if isinstance(states, PackedStates):
-                kept = PackedStates.from_samples([states.sample(i).detach().clone() for i in rows])
-            base = None if base_rewards is None else base_rewards[group * group_size:(group + 1) * group_size].clone()
-            self.replayed_groups.append(LabelledGroup(rte[group * group_size:(group + 1) * group_size].detach().clone(),
-                                                      kept, base, labels.clone()))
+                kept = PackedStates.from_samples([states.sample(i).detach() for i in range(rows.start, rows.stop)])
+            base = None if base_rewards is None else base_rewards[rows].clone()
+            self.replayed_groups.append(LabelledGroup(rte[rows].detach().clone(), kept, base, labels.clone()))
 
     def _replay_bt(self, replay: list[LabelledGroup], step: int) -> Tensor:
         """Per replayed group with a labelled pair, its Bradley-Terry loss under the current weights (the reward
@@ -339,14 +334,20 @@ class R2MModule(nn.Module):
         rte = torch.cat([g.rte for g in replay])
         states = None if replay[0].states is None else PackedStates.concat([g.states for g in replay])
         base = None if replay[0].base_rewards is None else torch.cat([g.base_rewards for g in replay])
-        if self.config.label_term == "trained":
-            _, rewards, usable = self._reward_parts(rte, states, base, with_grad=True)
-        else:
-            rewards, usable = self._rewards(rte, states, step, base, with_grad=True)
+        rewards, usable = self._labelled_rewards(rte, states, step, base, with_grad=True)
         labels = torch.stack([g.labels for g in replay])
         rewards = torch.where(usable, rewards, torch.zeros_like(rewards)).view(len(replay), -1)
         losses, valid = labelled_bt_loss(rewards, labels, self.config.label_pairs)
         return losses[valid & usable.view(len(replay), -1).all(dim=1)]
+
+    def _labelled_rewards(self, rte: Tensor, states: PolicyInput, step: int, base_rewards: Tensor | None,
+                          with_grad: bool) -> tuple[Tensor, Tensor]:
+        """What a labelled pair is scored by (``label_term``): the fused reward, or head(Ĥ) alone; and which samples
+        had finite inputs."""
+        if self.config.label_term == "trained":
+            _, trained, usable = self._reward_parts(rte, states, base_rewards, with_grad)
+            return trained, usable
+        return self._rewards(rte, states, step, base_rewards, with_grad=with_grad)
 
     def _gathered_labels(self, labels: Tensor | None, batch: int, group_ok: Tensor, group_size: int,
                          world: int) -> Tensor | None:

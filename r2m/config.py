@@ -69,8 +69,7 @@ class R2MConfig:
     label_term: str = field(default="fused", metadata={
         "help": "Which reward the Bradley-Terry term on labelled pairs (labels and the anchor set, modes anchored and "
                 "head_only) is taken on: fused (w(t) r_base + (1 - w(t)) head(Ĥ), the reward the policy is trained "
-                "on) or trained (head(Ĥ) alone, so that the frozen base reward's share cannot mask what the trained "
-                "term learns).", "choices": LABEL_TERMS})
+                "on) or trained (head(Ĥ) alone, without the base reward's share w(t) r_base).", "choices": LABEL_TERMS})
     label_pairs: str = field(default="extremes", metadata={
         "help": "Which pairs of a fully labelled group the Bradley-Terry term on labels takes: extremes (its highest- "
                 "against its lowest-labelled sample) or all (every pair whose labels differ, averaged per group).",
